@@ -1,0 +1,135 @@
+"""The `kdpipe` command: run and validate distillation jobs.
+
+Every user mistake surfaces as a `UserError`, caught once here: one line on stderr, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdpipe",
+        description="Knowledge-distillation pipelines: a job file names stages (teacher, assistants, students), "
+        "each trained as a Ray Train + DeepSpeed job and recorded in MLflow.",
+        epilog="Run 'kdpipe COMMAND --help' for a command's options. User errors exit with status 2.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run every stage of a job, teachers before students",
+        description="Run a job: prepare its data, then train each stage (a Ray Train run of DeepSpeed workers) "
+        "once its teachers are done; stages with no path between them run side by side when the cluster has "
+        "room. Joins the Ray cluster in RAY_ADDRESS, or starts a local one. Prints a table at the end; exits "
+        "1 if any stage failed.",
+    )
+    run.add_argument("job", type=Path, help="the job file (YAML); see jobs/ for examples")
+    run.add_argument("-v", "--verbose", action="store_true", help="show Ray, DeepSpeed and worker logs")
+
+    validate = commands.add_parser(
+        "validate",
+        help="check a job file without running it",
+        description="Check a job file: schema, stage graph (unknown teachers, cycles, duplicates), model and "
+        "method names, method parameters and data paths. Prints the stage order; nothing is trained.",
+    )
+    validate.add_argument("job", type=Path, help="the job file (YAML)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return cmd_validate(args)
+        return cmd_run(args)
+    except UserError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.plan import load_plan
+
+    plan = load_plan(args.job)
+    console.print(f"{args.job}: ok, {len(plan.order)} stages in order: {' -> '.join(plan.order)}", highlight=False)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.plan import load_plan
+
+    plan = load_plan(args.job)
+    from pipeline.runner import run_job  # heavy imports (Ray, DeepSpeed) only once the job file is known good
+
+    with Progress(
+        TextColumn("{task.fields[stage]:<14}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bars = {name: progress.add_task("", total=None, stage=name, info="pending", start=False) for name in plan.order}
+
+        def on_poll(outcomes, live):
+            for name, outcome in outcomes.items():
+                bar, seen = bars[name], live.get(name, {})
+                if outcome.status == "running" and "epochs" in seen:
+                    progress.start_task(bar)
+                    total = seen["epochs"] * seen["steps"]
+                    done = seen["epoch"] * seen["steps"] + seen["step"]
+                    info = f"epoch {min(seen['epoch'] + 1, seen['epochs'])}/{seen['epochs']}"
+                    if "top1" in seen:
+                        info += f"  top-1 {seen['top1']:.3f}"
+                    progress.update(bar, total=total, completed=done, info=info)
+                elif outcome.status in ("done", "failed", "skipped"):
+                    progress.update(bar, total=1, completed=1 if outcome.status == "done" else 0, info=outcome.status)
+                    progress.stop_task(bar)
+                elif outcome.status == "running":
+                    progress.start_task(bar)
+                    progress.update(bar, info="starting workers")
+
+        outcomes = run_job(plan, verbose=args.verbose, on_poll=on_poll)
+    console.print(outcome_table(plan.job.name, outcomes))
+    for outcome in outcomes.values():
+        if outcome.error:
+            err_console.print(f"[red]{outcome.name}[/]: {outcome.error}", highlight=False, soft_wrap=True)
+    return 0 if all(o.status == "done" for o in outcomes.values()) else 1
+
+
+def outcome_table(job: str, outcomes: dict) -> Table:
+    table = Table(title=f"kdpipe job '{job}'")
+    for column in ("stage", "method", "teachers", "status", "top-1", "top-5", "time", "MLflow run id"):
+        table.add_column(column, justify="right" if column in ("top-1", "top-5", "time") else "left")
+    for o in outcomes.values():
+        top5 = next((v for k, v in o.metrics.items() if k.startswith("val/top") and k != "val/top1"), None)
+        table.add_row(
+            o.name,
+            o.method,
+            ", ".join(o.teachers) or "-",
+            o.status,
+            f"{o.metrics['val/top1']:.3f}" if "val/top1" in o.metrics else "-",
+            f"{top5:.3f}" if top5 is not None else "-",
+            f"{o.seconds:.0f}s",
+            o.run_id or "-",
+        )
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Everything about a job that can be checked without running it: the DAG, the models, methods and their params."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from pipeline import dag
+from pipeline.errors import UserError
+from pipeline.methods import get_method, parse_params
+from pipeline.models import is_known_model
+from pipeline.spec import JobSpec, StageSpec, load_job
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    spec: StageSpec
+    params: BaseModel  # the method's params with defaults filled in
+
+    @property
+    def config(self) -> dict:
+        """The resolved stage config: what the fingerprint hashes and what MLflow records as params."""
+        resolved = self.spec.model_dump()
+        resolved["params"] = self.params.model_dump()
+        return resolved
+
+
+@dataclass(frozen=True)
+class Plan:
+    job: JobSpec
+    order: list[str]  # teachers before students
+    stages: dict[str, PlannedStage]
+
+    def fingerprints(self, data_id: str) -> dict[str, str]:
+        prints: dict[str, str] = {}
+        for name in self.order:
+            stage = self.stages[name]
+            upstream = [prints[t] for t in stage.spec.teachers]
+            prints[name] = dag.fingerprint(stage.config, upstream, data_id)
+        return prints
+
+    def downstream(self, name: str) -> set[str]:
+        """`name` and every stage that learns from it, directly or through others."""
+        found = {name}
+        for stage in self.order:
+            if found.intersection(self.stages[stage].spec.teachers):
+                found.add(stage)
+        return found
+
+
+def plan_job(job: JobSpec) -> Plan:
+    order = dag.topological_order(job.stages)
+    stages = {}
+    for i, stage in enumerate(job.stages):
+        where = f"stages[{i}]"
+        if not is_known_model(stage.model):
+            raise UserError(
+                f"{where}.model: unknown model '{stage.model}'; expected a torchvision model name "
+                "or resnet8..resnet110, resnet8x4, resnet32x4"
+            )
+        method = get_method(stage.method, f"{where}.method")
+        count = len(stage.teachers)
+        if count < method.min_teachers or (method.max_teachers is not None and count > method.max_teachers):
+            most = "any number" if method.max_teachers is None else method.max_teachers
+            raise UserError(
+                f"{where}.teachers: method '{method.name}' takes {method.min_teachers} to {most} teachers, got {count}"
+            )
+        stages[stage.name] = PlannedStage(stage, parse_params(method, stage.params, f"{where}.params"))
+    return Plan(job, order, stages)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Load, validate and plan a job file; every problem is a one-line `UserError` naming the file."""
+    job = load_job(path)
+    try:
+        return plan_job(job)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None

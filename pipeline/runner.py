@@ -1,0 +1,168 @@
+"""Running a planned job: prepare data, then launch each stage as a Ray Train run once its teachers are done.
+
+Stages with no path between them run side by side, each its own `TorchTrainer` started from a driver thread,
+as long as the cluster has CPUs and GPUs free for their workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline.data import prepare_data
+from pipeline.plan import Plan
+from pipeline.progress import open_board
+from pipeline.spec import WorkersSpec
+from pipeline.stage import StageTask, TeacherRef, stage_loop
+from pipeline.tracking import Tracker
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    method: str
+    teachers: list[str]
+    status: str = "pending"  # pending | running | done | failed | skipped
+    run_id: str = ""
+    fingerprint: str = ""
+    seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def ensure_ray(verbose: bool) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local one on this machine's cores."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        log_to_driver=verbose,
+        include_dashboard=False if not address else None,
+        configure_logging=verbose,
+        logging_level="INFO" if verbose else "ERROR",
+    )
+
+
+def worker_demand(workers: WorkersSpec) -> tuple[float, float]:
+    return workers.count * workers.cpus, workers.count * workers.gpus
+
+
+def launch_stage(task: StageTask, workers: WorkersSpec, storage: Path, fingerprint: str) -> dict:
+    """One stage as one Ray Train run; returns the metrics of its last report."""
+    use_gpu = workers.gpus > 0
+    trainer = TorchTrainer(
+        stage_loop,
+        train_loop_config={"task": task},
+        scaling_config=ScalingConfig(
+            num_workers=workers.count,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": workers.cpus, **({"GPU": workers.gpus} if use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"{task.job}-{task.config['name']}-{fingerprint[:12]}",
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    return trainer.fit().metrics or {}
+
+
+def run_job(
+    plan: Plan, *, verbose: bool = False, on_poll: Callable[[dict[str, StageOutcome], dict], None] | None = None
+) -> dict[str, StageOutcome]:
+    job = plan.job
+    data = prepare_data(job.data)
+    prints = plan.fingerprints(data.identity)
+    tracker = Tracker(job.tracking.uri)
+    experiment = tracker.experiment_id(job.tracking.experiment)
+    parent = tracker.start_job_run(experiment, job.name, job.model_dump())
+    outcomes = {
+        name: StageOutcome(
+            name, plan.stages[name].spec.method, plan.stages[name].spec.teachers, fingerprint=prints[name]
+        )
+        for name in plan.order
+    }
+    ensure_ray(verbose)
+    board = open_board(job.name)
+    storage = Path(job.workdir).resolve() / "ray"
+    capacity = ray.cluster_resources()
+    free = [capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)]
+    running: dict[Future, str] = {}
+
+    def start(name: str, pool: ThreadPoolExecutor) -> None:
+        stage = plan.stages[name]
+        outcome = outcomes[name]
+        outcome.run_id = tracker.start_stage_run(experiment, parent, job.name, name, prints[name], stage.config)
+        task = StageTask(
+            job.name,
+            stage.config,
+            data,
+            job.data.batch_size,
+            job.data.loader_workers,
+            tuple(TeacherRef(t, outcomes[t].run_id) for t in stage.spec.teachers),
+            tracker.uri,
+            outcome.run_id,
+            job.seed,
+        )
+        outcome.status, outcome.seconds = "running", time.perf_counter()
+        cpus, gpus = worker_demand(stage.spec.workers)
+        free[0] -= cpus
+        free[1] -= gpus
+        running[pool.submit(launch_stage, task, stage.spec.workers, storage, prints[name])] = name
+
+    def finish(future: Future) -> None:
+        name = running.pop(future)
+        outcome = outcomes[name]
+        outcome.seconds = time.perf_counter() - outcome.seconds
+        cpus, gpus = worker_demand(plan.stages[name].spec.workers)
+        free[0] += cpus
+        free[1] += gpus
+        try:
+            outcome.metrics = future.result()
+            outcome.status = "done"
+            tracker.finish(outcome.run_id)
+        except Exception as err:  # a failed stage fails its descendants, never its siblings
+            outcome.status, outcome.error = "failed", one_line(err)
+            tracker.finish(outcome.run_id, "FAILED")
+
+    with ThreadPoolExecutor(max_workers=len(plan.order)) as pool:
+        while any(o.status in ("pending", "running") for o in outcomes.values()):
+            for name in plan.order:
+                outcome = outcomes[name]
+                if outcome.status != "pending":
+                    continue
+                teachers = [outcomes[t].status for t in outcome.teachers]
+                if any(s in ("failed", "skipped") for s in teachers):
+                    outcome.status, outcome.error = "skipped", "a teacher stage did not finish"
+                elif all(s == "done" for s in teachers):
+                    cpus, gpus = worker_demand(plan.stages[name].spec.workers)
+                    if not running or (cpus <= free[0] + 1e-9 and gpus <= free[1] + 1e-9):
+                        start(name, pool)
+            done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                finish(future)
+            if on_poll:
+                on_poll(outcomes, ray.get(board.snapshot.remote()))
+    ok = all(o.status == "done" for o in outcomes.values())
+    tracker.finish(parent, "FINISHED" if ok else "FAILED")
+    ray.kill(board)
+    return outcomes
+
+
+def one_line(err: BaseException) -> str:
+    """The innermost cause of a (possibly Ray-wrapped) failure, as one line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"

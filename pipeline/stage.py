@@ -1,0 +1,192 @@
+"""The one training loop, run inside every Ray Train worker of a stage.
+
+data (this rank's batches) -> method.forward_train -> DeepSpeed engine step -> evaluation over all ranks ->
+`ray.train.report(metrics, checkpoint)`; rank 0 also logs each epoch to the stage's MLflow run and, at the end,
+the final weights. A speed or checkpoint fix made here holds for every method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.data import PreparedData
+from pipeline.data.loaders import open_data
+from pipeline.methods import METHODS
+from pipeline.models import build_model, load_weights, save_weights
+from pipeline.progress import report_progress
+from pipeline.spec import OptimizerSpec, ScheduleSpec, StageSpec
+from pipeline.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    stage: str
+    run_id: str  # the teacher stage's MLflow run, which holds its final weights
+
+
+@dataclass(frozen=True)
+class StageTask:
+    """Everything a worker needs, as plain data Ray can ship to any node."""
+
+    job: str
+    config: dict  # the resolved stage config (spec fields with method params defaulted)
+    data: PreparedData
+    batch_size: int
+    loader_workers: int
+    teachers: tuple[TeacherRef, ...]
+    tracking_uri: str
+    run_id: str
+    seed: int
+
+
+def lr_factor(schedule: ScheduleSpec, epoch: float, epochs: int) -> float:
+    """Multiplier of the base learning rate at fractional epoch `epoch`: a pure function of progress, so resuming
+    needs no scheduler state."""
+    warmup = min(1.0, epoch / schedule.warmup_epochs) if schedule.warmup_epochs else 1.0
+    if schedule.name == "cosine":
+        return warmup * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if schedule.name == "step":
+        return warmup * schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
+    return warmup
+
+
+def build_optimizer(spec: OptimizerSpec, parameters) -> torch.optim.Optimizer:
+    if spec.name == "sgd":
+        return torch.optim.SGD(
+            parameters, spec.lr, momentum=spec.momentum, nesterov=spec.nesterov, weight_decay=spec.weight_decay
+        )
+    optimizer = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
+    return optimizer(parameters, spec.lr, weight_decay=spec.weight_decay)
+
+
+def deepspeed_config(stage: StageSpec, batch_size: int, world: int) -> dict:
+    ds = stage.deepspeed
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "train_batch_size": batch_size * world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our optimisers are plain torch ones, passed in
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "steps_per_print": 1 << 30,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, device: torch.device, dtype: torch.dtype, num_classes: int) -> dict:
+    """Top-1/top-5 over the held-out split; each rank scores its own disjoint part and the counts are summed."""
+    for buffer in model.buffers():  # every rank evaluates rank 0's BN statistics: the weights that get saved
+        dist.broadcast(buffer, 0)
+    k = min(5, num_classes)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for images, labels in batches:
+        hits = model(images.to(device, dtype)).topk(k, 1).indices == labels.to(device)[:, None]
+        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+    dist.all_reduce(totals)
+    count = max(totals[2].item(), 1)
+    return {"val/top1": totals[0].item() / count, f"val/top{k}": totals[1].item() / count}
+
+
+def load_teacher(tracker: Tracker, ref: TeacherRef, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    return load_weights(tracker.download_weights(ref.run_id)).to(device, dtype)
+
+
+def stage_loop(config: dict) -> None:
+    """Ray Train's `train_loop_per_worker`."""
+    task: StageTask = config["task"]
+    stage = StageSpec.model_validate(task.config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(stage.deepspeed.precision, torch.float32)
+    torch.manual_seed(task.seed)  # the same initial weights on every rank (DeepSpeed broadcasts rank 0's too)
+    tracker = Tracker(task.tracking_uri)
+
+    data = open_data(task.data, task.batch_size, task.loader_workers, task.seed, rank, world)
+    method_cls = METHODS[stage.method]
+    student = build_model(stage.model, data.num_classes)
+    teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]
+    method = method_cls(student, teachers, method_cls.Params.model_validate(stage.params))
+    optimizer = build_optimizer(stage.optimizer, [p for p in method.parameters() if p.requires_grad])
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=method, optimizer=optimizer, config=deepspeed_config(stage, task.batch_size, world)
+    )
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    for epoch in range(stage.epochs):
+        started = time.perf_counter()
+        engine.train()
+        steps = data.steps_per_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        for step, (images, labels) in enumerate(data.train_batches(epoch)):
+            factor = lr_factor(stage.schedule, epoch + step / steps, stage.epochs)
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * factor
+            _, losses = engine(images.to(device, dtype), labels.to(device))
+            loss = sum(losses.values())
+            engine.backward(loss)
+            engine.step()
+            for name, value in {"loss": loss, **losses}.items():  # summed on device: no sync per step
+                sums[name] = sums.get(name, 0) + value.detach().float()
+            if rank == 0 and step % 10 == 0:
+                report_progress(
+                    task.job,
+                    task.config["name"],
+                    epoch=epoch,
+                    epochs=stage.epochs,
+                    step=step,
+                    steps=steps,
+                    loss=float(loss),
+                )
+        engine.eval()
+        metrics = {f"train/{name}": (value / max(steps, 1)).item() for name, value in sums.items()}
+        metrics.update(evaluate(engine.module.student, data.val_batches(), device, dtype, data.num_classes))
+        metrics.update({"lr": base_lrs[0] * factor, "epoch_seconds": time.perf_counter() - started})
+        report_epoch(task, tracker, engine.module.student, stage, epoch, metrics, rank, data.num_classes)
+
+
+def report_epoch(
+    task: StageTask,
+    tracker: Tracker,
+    student: nn.Module,
+    stage: StageSpec,
+    epoch: int,
+    metrics: dict,
+    rank: int,
+    num_classes: int,
+) -> None:
+    """Rank 0 logs to MLflow and hands Ray Train a checkpoint; the last epoch's weights become the artifact."""
+    last = epoch == stage.epochs - 1
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            tracker.log_metrics(task.run_id, metrics, step=epoch)
+            save_weights(student, stage.model, num_classes, Path(folder) / "weights")
+            (Path(folder) / "progress.json").write_text(json.dumps({"epoch": epoch}))
+            if last:
+                tracker.log_weights(task.run_id, Path(folder) / "weights")
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            report_progress(
+                task.job,
+                task.config["name"],
+                epoch=epoch + 1,
+                epochs=stage.epochs,
+                step=0,
+                steps=1,
+                top1=metrics["val/top1"],
+            )
+        ray.train.report({"epoch": epoch, **metrics}, checkpoint=checkpoint)

@@ -1,0 +1,102 @@
+"""Every MLflow call kdpipe makes: a parent run per pipeline run, a nested run per stage, params, per-epoch
+metrics, fingerprint tags and the final weights artifact. The reuse and resume rules live here, in one place.
+
+Runs are addressed through an explicit `MlflowClient`, never MLflow's global "active run", so the driver and every
+Ray worker can log to the same run at once.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from pipeline.errors import UserError
+
+WEIGHTS_DIR = "weights"
+TAG_KIND, TAG_JOB, TAG_STAGE, TAG_FINGERPRINT = "kdpipe.kind", "kdpipe.job", "kdpipe.stage", "kdpipe.fingerprint"
+
+
+def resolve_uri(uri: str) -> str:
+    """Make a relative sqlite path absolute, so Ray workers (whose working folder differs) find the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+class Tracker:
+    def __init__(self, uri: str):
+        self.uri = resolve_uri(uri)
+        self.client = MlflowClient(self.uri)
+
+    def experiment_id(self, name: str) -> str:
+        """Get or create the experiment; a sqlite store keeps artifacts beside its database file."""
+        try:
+            found = self.client.get_experiment_by_name(name)
+            if found is not None:
+                return found.experiment_id
+            location = None
+            if self.uri.startswith("sqlite:///"):
+                location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+            return self.client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException as err:
+            raise UserError(f"tracking.uri: cannot use MLflow store '{self.uri}': {str(err).splitlines()[0]}") from None
+
+    def start_job_run(self, experiment_id: str, job: str, spec: dict) -> str:
+        tags = {TAG_KIND: "job", TAG_JOB: job, MLFLOW_RUN_NAME: job}
+        run = self.client.create_run(experiment_id, tags=tags, run_name=job)
+        self.client.log_text(run.info.run_id, json.dumps(spec, indent=1), "job.json")
+        return run.info.run_id
+
+    def start_stage_run(
+        self, experiment_id: str, parent_id: str, job: str, stage: str, fingerprint: str, config: dict
+    ) -> str:
+        tags = {
+            TAG_KIND: "stage",
+            TAG_JOB: job,
+            TAG_STAGE: stage,
+            TAG_FINGERPRINT: fingerprint,
+            MLFLOW_PARENT_RUN_ID: parent_id,
+            MLFLOW_RUN_NAME: stage,
+        }
+        run = self.client.create_run(experiment_id, tags=tags, run_name=stage)
+        params = [Param(key, str(value)) for key, value in flatten(config).items()]
+        self.client.log_batch(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_weights(self, run_id: str, folder: Path) -> None:
+        self.client.log_artifacts(run_id, str(folder), WEIGHTS_DIR)
+
+    def download_weights(self, run_id: str) -> Path:
+        """The stage's final weights folder, downloaded to a fresh local folder."""
+        target = tempfile.mkdtemp(prefix="kdpipe-weights-")
+        return Path(self.client.download_artifacts(run_id, WEIGHTS_DIR, target))
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """Nested config as MLflow params: `optimizer.lr`, `params.temperature`, ..."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
