@@ -61,12 +61,10 @@ def plan_job(job: JobSpec) -> Plan:
                 "or resnet8..resnet110, resnet8x4, resnet32x4"
             )
         method = get_method(stage.method, f"{where}.method")
-        count = len(stage.teachers)
-        if count < method.min_teachers or (method.max_teachers is not None and count > method.max_teachers):
-            most = "any number" if method.max_teachers is None else method.max_teachers
-            raise UserError(
-                f"{where}.teachers: method '{method.name}' takes {method.min_teachers} to {most} teachers, got {count}"
-            )
+        count, low, high = len(stage.teachers), method.min_teachers, method.max_teachers
+        if count < low or (high is not None and count > high):
+            wanted = f"at least {low}" if high is None else (f"{low}" if low == high else f"{low} to {high}")
+            raise UserError(f"{where}.teachers: method '{method.name}' takes {wanted} teacher(s), got {count}")
         stages[stage.name] = PlannedStage(stage, parse_params(method, stage.params, f"{where}.params"))
     return Plan(job, order, stages)
 

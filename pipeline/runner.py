@@ -103,14 +103,17 @@ def run_job(
     def start(name: str, pool: ThreadPoolExecutor) -> None:
         stage = plan.stages[name]
         outcome = outcomes[name]
-        outcome.run_id = tracker.start_stage_run(experiment, parent, job.name, name, prints[name], stage.config)
+        teacher_runs = {t: outcomes[t].run_id for t in stage.spec.teachers}
+        outcome.run_id = tracker.start_stage_run(
+            experiment, parent, job.name, name, prints[name], stage.config, teacher_runs
+        )
         task = StageTask(
             job.name,
             stage.config,
             data,
             job.data.batch_size,
             job.data.loader_workers,
-            tuple(TeacherRef(t, outcomes[t].run_id) for t in stage.spec.teachers),
+            tuple(TeacherRef(t, run) for t, run in teacher_runs.items()),
             tracker.uri,
             outcome.run_id,
             job.seed,

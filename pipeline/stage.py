@@ -19,6 +19,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.data import PreparedData
@@ -28,6 +29,8 @@ from pipeline.models import build_model, load_weights, save_weights
 from pipeline.progress import report_progress
 from pipeline.spec import OptimizerSpec, ScheduleSpec, StageSpec
 from pipeline.tracking import Tracker
+
+PROBE_FILE, PROBE_SIZE = "probe.safetensors", 16
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,18 @@ def load_teacher(tracker: Tracker, ref: TeacherRef, device: torch.device, dtype:
     return load_weights(tracker.download_weights(ref.run_id)).to(device, dtype)
 
 
+@torch.no_grad()
+def log_teacher_probe(tracker: Tracker, run_id: str, refs, teachers: list[nn.Module], batches, device, dtype) -> None:
+    """Record what each loaded teacher outputs on a fixed held-out batch: provenance a user (or a test) can check
+    against the teacher stage's own saved weights."""
+    images = next(iter(batches))[0][:PROBE_SIZE].to(device, dtype)
+    probe = {"images": images.float().cpu()}
+    probe.update({ref.stage: teacher(images).float().cpu() for ref, teacher in zip(refs, teachers, strict=True)})
+    with tempfile.TemporaryDirectory() as folder:
+        save_file(probe, str(Path(folder) / PROBE_FILE))
+        tracker.log_artifact(run_id, Path(folder) / PROBE_FILE, "teachers")
+
+
 def stage_loop(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`."""
     task: StageTask = config["task"]
@@ -120,6 +135,8 @@ def stage_loop(config: dict) -> None:
     method_cls = METHODS[stage.method]
     student = build_model(stage.model, data.num_classes)
     teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]
+    if rank == 0 and teachers:
+        log_teacher_probe(tracker, task.run_id, task.teachers, teachers, data.val_batches(), device, dtype)
     method = method_cls(student, teachers, method_cls.Params.model_validate(stage.params))
     optimizer = build_optimizer(stage.optimizer, [p for p in method.parameters() if p.requires_grad])
     engine, optimizer, _, _ = deepspeed.initialize(

@@ -21,6 +21,7 @@ from pipeline.errors import UserError
 
 WEIGHTS_DIR = "weights"
 TAG_KIND, TAG_JOB, TAG_STAGE, TAG_FINGERPRINT = "kdpipe.kind", "kdpipe.job", "kdpipe.stage", "kdpipe.fingerprint"
+TAG_TEACHER = "kdpipe.teacher"  # kdpipe.teacher.<stage> = the MLflow run whose weights this stage learned from
 
 
 def resolve_uri(uri: str) -> str:
@@ -56,9 +57,17 @@ class Tracker:
         return run.info.run_id
 
     def start_stage_run(
-        self, experiment_id: str, parent_id: str, job: str, stage: str, fingerprint: str, config: dict
+        self,
+        experiment_id: str,
+        parent_id: str,
+        job: str,
+        stage: str,
+        fingerprint: str,
+        config: dict,
+        teacher_runs: dict[str, str],
     ) -> str:
-        tags = {
+        tags = {f"{TAG_TEACHER}.{name}": run for name, run in teacher_runs.items()}
+        tags |= {
             TAG_KIND: "stage",
             TAG_JOB: job,
             TAG_STAGE: stage,
@@ -77,6 +86,9 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str, path: Path, folder: str) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
 
     def log_weights(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder), WEIGHTS_DIR)

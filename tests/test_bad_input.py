@@ -1,0 +1,97 @@
+"""Malformed job files: each gives one line naming the field (or file) and what was expected, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+
+GOOD = {
+    "name": "bad",
+    "data": {"source": "synthetic"},
+    "stages": [
+        {"name": "teacher", "model": "resnet8", "epochs": 1},
+        {"name": "student", "model": "resnet8", "teachers": ["teacher"], "method": "kd", "epochs": 1},
+    ],
+}
+
+
+def edit(change):
+    job = copy.deepcopy(GOOD)
+    change(job)
+    return yaml.safe_dump(job)
+
+
+CASES = {
+    "unknown field": (edit(lambda j: j["stages"][0].update(lr=0.1)), ["stages[0].lr", "unknown field", "epochs"]),
+    "wrong type": (edit(lambda j: j["stages"][0].update(epochs="five")), ["stages[0].epochs", "integer", "'five'"]),
+    "unknown model": (edit(lambda j: j["stages"][1].update(model="resnet9000")), ["stages[1].model", "resnet9000"]),
+    "unknown teacher": (edit(lambda j: j["stages"][1].update(teachers=["techer"])), ["stages[1].teachers", "techer"]),
+    "cycle": (edit(lambda j: j["stages"][0].update(teachers=["student"], method="kd")), ["cycle", "teacher"]),
+    "missing data path": (
+        edit(lambda j: j.update(data={"source": "imagefolder", "path": "/no/such/imagenet"})),
+        ["data.path", "/no/such/imagenet"],
+    ),
+    "negative epochs": (edit(lambda j: j["stages"][1].update(epochs=-3)), ["stages[1].epochs", "greater than 0"]),
+    "zero workers": (edit(lambda j: j["stages"][0].update(workers={"count": 0})), ["stages[0].workers.count"]),
+    "empty stages": (edit(lambda j: j.update(stages=[])), ["stages", "at least 1"]),
+    "yaml syntax": ("name: bad\nstages: [\n  - {name: a\n", ["YAML syntax error", ":"]),
+    "duplicate name": (edit(lambda j: j["stages"][1].update(name="teacher")), ["stages[1].name", "duplicate"]),
+    "unknown method": (edit(lambda j: j["stages"][1].update(method="kdd")), ["stages[1].method", "kdd", "kd"]),
+    "unknown method param": (
+        edit(lambda j: j["stages"][1].update(params={"temprature": 4})),
+        ["stages[1].params.temprature", "method 'kd'", "temperature"],
+    ),
+    "bad method param type": (
+        edit(lambda j: j["stages"][1].update(params={"temperature": -1})),
+        ["stages[1].params.temperature", "greater than 0"],
+    ),
+    "kd without teacher": (edit(lambda j: j["stages"][1].update(teachers=[])), ["stages[1].teachers", "'kd'"]),
+    "missing required field": (edit(lambda j: j["stages"][0].pop("model")), ["stages[0].model", "missing"]),
+    "not a mapping": ("- just\n- a list\n", ["mapping"]),
+    "bad zero stage": (edit(lambda j: j["stages"][0].update(deepspeed={"zero_stage": 3})), ["zero_stage"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_bad_job_file(case, command, tmp_path, capsys):
+    text, expected = CASES[case]
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    assert main([command, str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ") and str(path) in lines[0]
+    for fragment in expected:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_missing_job_file_names_the_file(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.yaml" in err and "cannot read" in err
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    """The installed entry point, as a user runs it."""
+    path = tmp_path / "job.yaml"
+    path.write_text(CASES["cycle"][0])
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "cycle" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_good_job_validates(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    assert main(["validate", str(path)]) == 0
+    assert "teacher -> student" in capsys.readouterr().out
