@@ -67,7 +67,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.plan import load_plan
 
     plan = load_plan(args.job)
-    console.print(f"{args.job}: ok, {len(plan.order)} stages in order: {' -> '.join(plan.order)}", highlight=False)
+    order = " -> ".join(plan.order)
+    console.print(f"{args.job}: ok, {len(plan.order)} stages in order: {order}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -24,12 +24,18 @@ def topological_order(stages: list[StageSpec]) -> list[str]:
             if teacher not in index:
                 known = ", ".join(index)
                 raise UserError(f"stages[{i}].teachers: unknown stage '{teacher}'; expected one of: {known}")
-    graph = {stage.name: stage.teachers for stage in stages}
+    sorter = TopologicalSorter({stage.name: stage.teachers for stage in stages})
     try:
-        return list(TopologicalSorter(graph).static_order())
+        sorter.prepare()
     except CycleError as err:
         cycle = " -> ".join(err.args[1])
         raise UserError(f"stages: teachers form a cycle: {cycle}") from None
+    order: list[str] = []
+    while sorter.is_active():  # among stages that are ready together, keep the job file's order
+        ready = sorted(sorter.get_ready(), key=index.__getitem__)
+        order += ready
+        sorter.done(*ready)
+    return order
 
 
 def fingerprint(config: dict, upstream: list[str], data_id: str) -> str:

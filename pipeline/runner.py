@@ -111,8 +111,7 @@ def run_job(
             job.name,
             stage.config,
             data,
-            job.data.batch_size,
-            job.data.loader_workers,
+            job.data,
             tuple(TeacherRef(t, run) for t, run in teacher_runs.items()),
             tracker.uri,
             outcome.run_id,
@@ -141,7 +140,8 @@ def run_job(
 
     with ThreadPoolExecutor(max_workers=len(plan.order)) as pool:
         while any(o.status in ("pending", "running") for o in outcomes.values()):
-            for name in plan.order:
+            # Stages that more stages wait on go first: a teacher before an independent baseline.
+            for name in sorted(plan.order, key=lambda n: -len(plan.downstream(n))):
                 outcome = outcomes[name]
                 if outcome.status != "pending":
                     continue

@@ -49,6 +49,7 @@ class DataSpec(Strict):
     val_size: PositiveInt = Field(500, description="synthetic: held-out images")
     shard_size: PositiveInt = Field(500, description="synthetic: samples per tar shard")
     batch_size: PositiveInt = Field(64, description="samples per worker per step")
+    augment: bool = Field(True, description="random crop and flip for training (off: evaluation transforms)")
     loader_workers: NonNegativeInt = Field(1, description="DataLoader processes per training worker")
     seed: int = 0
 

@@ -27,7 +27,7 @@ from pipeline.data.loaders import open_data
 from pipeline.methods import METHODS
 from pipeline.models import build_model, load_weights, save_weights
 from pipeline.progress import report_progress
-from pipeline.spec import OptimizerSpec, ScheduleSpec, StageSpec
+from pipeline.spec import DataSpec, OptimizerSpec, ScheduleSpec, StageSpec
 from pipeline.tracking import Tracker
 
 PROBE_FILE, PROBE_SIZE = "probe.safetensors", 16
@@ -46,8 +46,7 @@ class StageTask:
     job: str
     config: dict  # the resolved stage config (spec fields with method params defaulted)
     data: PreparedData
-    batch_size: int
-    loader_workers: int
+    reading: DataSpec  # batch size, loader workers, augmentation
     teachers: tuple[TeacherRef, ...]
     tracking_uri: str
     run_id: str
@@ -131,7 +130,7 @@ def stage_loop(config: dict) -> None:
     torch.manual_seed(task.seed)  # the same initial weights on every rank (DeepSpeed broadcasts rank 0's too)
     tracker = Tracker(task.tracking_uri)
 
-    data = open_data(task.data, task.batch_size, task.loader_workers, task.seed, rank, world)
+    data = open_data(task.data, task.reading, task.seed, rank, world)
     method_cls = METHODS[stage.method]
     student = build_model(stage.model, data.num_classes)
     teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]
@@ -140,7 +139,7 @@ def stage_loop(config: dict) -> None:
     method = method_cls(student, teachers, method_cls.Params.model_validate(stage.params))
     optimizer = build_optimizer(stage.optimizer, [p for p in method.parameters() if p.requires_grad])
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=method, optimizer=optimizer, config=deepspeed_config(stage, task.batch_size, world)
+        model=method, optimizer=optimizer, config=deepspeed_config(stage, task.reading.batch_size, world)
     )
     base_lrs = [group["lr"] for group in optimizer.param_groups]
 
