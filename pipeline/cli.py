@@ -84,6 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         console=console,
+        refresh_per_second=2,
     ) as progress:
         bars = {name: progress.add_task("", total=None, stage=name, info="pending", start=False) for name in plan.order}
 
@@ -106,7 +107,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                     progress.update(bar, info="starting workers")
 
         outcomes = run_job(plan, verbose=args.verbose, on_poll=on_poll)
-    console.print(outcome_table(plan.job.name, outcomes))
+    # Logs and CI are not terminals (rich assumes 80 columns there): keep the run ids whole.
+    table_console = console if console.is_terminal else Console(width=140)
+    table_console.print(outcome_table(plan.job.name, outcomes))
     for outcome in outcomes.values():
         if outcome.error:
             err_console.print(f"[red]{outcome.name}[/]: {outcome.error}", highlight=False, soft_wrap=True)
@@ -116,7 +119,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def outcome_table(job: str, outcomes: dict) -> Table:
     table = Table(title=f"kdpipe job '{job}'")
     for column in ("stage", "method", "teachers", "status", "top-1", "top-5", "time", "MLflow run id"):
-        table.add_column(column, justify="right" if column in ("top-1", "top-5", "time") else "left")
+        table.add_column(
+            column,
+            justify="right" if column in ("top-1", "top-5", "time") else "left",
+            no_wrap=column == "MLflow run id",
+            min_width=32 if column == "MLflow run id" else None,
+        )
     for o in outcomes.values():
         top5 = next((v for k, v in o.metrics.items() if k.startswith("val/top") and k != "val/top1"), None)
         table.add_row(

@@ -24,6 +24,8 @@ from pipeline.spec import WorkersSpec
 from pipeline.stage import StageTask, TeacherRef, stage_loop
 from pipeline.tracking import Tracker
 
+POLL_SECONDS = 2.0  # how often the driver looks at stages and progress: every poll takes CPU from training
+
 
 @dataclass
 class StageOutcome:
@@ -152,7 +154,7 @@ def run_job(
                     cpus, gpus = worker_demand(plan.stages[name].spec.workers)
                     if not running or (cpus <= free[0] + 1e-9 and gpus <= free[1] + 1e-9):
                         start(name, pool)
-            done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+            done, _ = wait(list(running), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
             for future in done:
                 finish(future)
             if on_poll:

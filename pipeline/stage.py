@@ -31,6 +31,8 @@ from pipeline.spec import DataSpec, OptimizerSpec, ScheduleSpec, StageSpec
 from pipeline.tracking import Tracker
 
 PROBE_FILE, PROBE_SIZE = "probe.safetensors", 16
+# NHWC activations: about 30% faster convolutions on CPU (oneDNN) and the layout tensor cores want on GPU.
+CHANNELS_LAST = torch.channels_last
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: torch.dtype
     k = min(5, num_classes)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for images, labels in batches:
-        hits = model(images.to(device, dtype)).topk(k, 1).indices == labels.to(device)[:, None]
+        logits = model(images.to(device, dtype, memory_format=CHANNELS_LAST))
+        hits = logits.topk(k, 1).indices == labels.to(device)[:, None]
         totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
     dist.all_reduce(totals)
     count = max(totals[2].item(), 1)
@@ -104,14 +107,14 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: torch.dtype
 
 
 def load_teacher(tracker: Tracker, ref: TeacherRef, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    return load_weights(tracker.download_weights(ref.run_id)).to(device, dtype)
+    return load_weights(tracker.download_weights(ref.run_id)).to(device, dtype, memory_format=CHANNELS_LAST)
 
 
 @torch.no_grad()
 def log_teacher_probe(tracker: Tracker, run_id: str, refs, teachers: list[nn.Module], batches, device, dtype) -> None:
     """Record what each loaded teacher outputs on a fixed held-out batch: provenance a user (or a test) can check
     against the teacher stage's own saved weights."""
-    images = next(iter(batches))[0][:PROBE_SIZE].to(device, dtype)
+    images = next(iter(batches))[0][:PROBE_SIZE].to(device, dtype, memory_format=CHANNELS_LAST)
     probe = {"images": images.float().cpu()}
     probe.update({ref.stage: teacher(images).float().cpu() for ref, teacher in zip(refs, teachers, strict=True)})
     with tempfile.TemporaryDirectory() as folder:
@@ -131,8 +134,13 @@ def stage_loop(config: dict) -> None:
     tracker = Tracker(task.tracking_uri)
 
     data = open_data(task.data, task.reading, task.seed, rank, world)
+    if data.steps_per_epoch(0) == 0:
+        raise ValueError(
+            f"data: the training split gives no full batch of {task.reading.batch_size} per worker "
+            f"with {world} workers; lower data.batch_size or the worker count"
+        )
     method_cls = METHODS[stage.method]
-    student = build_model(stage.model, data.num_classes)
+    student = build_model(stage.model, data.num_classes).to(memory_format=CHANNELS_LAST)
     teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]
     if rank == 0 and teachers:
         log_teacher_probe(tracker, task.run_id, task.teachers, teachers, data.val_batches(), device, dtype)
@@ -152,7 +160,7 @@ def stage_loop(config: dict) -> None:
             factor = lr_factor(stage.schedule, epoch + step / steps, stage.epochs)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
-            _, losses = engine(images.to(device, dtype), labels.to(device))
+            _, losses = engine(images.to(device, dtype, memory_format=CHANNELS_LAST), labels.to(device))
             loss = sum(losses.values())
             engine.backward(loss)
             engine.step()
@@ -171,7 +179,8 @@ def stage_loop(config: dict) -> None:
         engine.eval()
         metrics = {f"train/{name}": (value / max(steps, 1)).item() for name, value in sums.items()}
         metrics.update(evaluate(engine.module.student, data.val_batches(), device, dtype, data.num_classes))
-        metrics.update({"lr": base_lrs[0] * factor, "epoch_seconds": time.perf_counter() - started})
+        end_lr = base_lrs[0] * lr_factor(stage.schedule, epoch + 1, stage.epochs)
+        metrics.update({"lr": end_lr, "epoch_seconds": time.perf_counter() - started})
         report_epoch(task, tracker, engine.module.student, stage, epoch, metrics, rank, data.num_classes)
 
 
