@@ -99,8 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     if "top1" in seen:
                         info += f"  top-1 {seen['top1']:.3f}"
                     progress.update(bar, total=total, completed=done, info=info)
-                elif outcome.status in ("done", "failed", "skipped"):
-                    progress.update(bar, total=1, completed=1 if outcome.status == "done" else 0, info=outcome.status)
+                elif outcome.status in ("done", "reused", "failed", "skipped"):
+                    progress.update(bar, total=1, completed=1 if outcome.finished else 0, info=outcome.status)
                     progress.stop_task(bar)
                 elif outcome.status == "running":
                     progress.start_task(bar)
@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for outcome in outcomes.values():
         if outcome.error:
             err_console.print(f"[red]{outcome.name}[/]: {outcome.error}", highlight=False, soft_wrap=True)
-    return 0 if all(o.status == "done" for o in outcomes.values()) else 1
+    return 0 if all(o.finished for o in outcomes.values()) else 1
 
 
 def outcome_table(job: str, outcomes: dict) -> Table:

@@ -32,12 +32,17 @@ class StageOutcome:
     name: str
     method: str
     teachers: list[str]
-    status: str = "pending"  # pending | running | done | failed | skipped
+    status: str = "pending"  # pending | running | done | reused | failed | skipped
     run_id: str = ""
     fingerprint: str = ""
     seconds: float = 0.0
     metrics: dict = field(default_factory=dict)
     error: str = ""
+
+    @property
+    def finished(self) -> bool:
+        """Its final weights exist: trained now, or found in MLflow from an earlier run."""
+        return self.status in ("done", "reused")
 
 
 def ensure_ray(verbose: bool) -> None:
@@ -95,6 +100,12 @@ def run_job(
         )
         for name in plan.order
     }
+    for name in plan.order:  # stages that already ran, with these exact inputs, are never trained again
+        found = tracker.find_finished_stage(experiment, prints[name])
+        if found:
+            outcome = outcomes[name]
+            outcome.status, (outcome.run_id, outcome.metrics) = "reused", found
+            tracker.set_tags(parent, {f"kdpipe.reused.{name}": outcome.run_id})
     ensure_ray(verbose)
     board = open_board(job.name)
     storage = Path(job.workdir).resolve() / "ray"
@@ -150,7 +161,7 @@ def run_job(
                 teachers = [outcomes[t].status for t in outcome.teachers]
                 if any(s in ("failed", "skipped") for s in teachers):
                     outcome.status, outcome.error = "skipped", "a teacher stage did not finish"
-                elif all(s == "done" for s in teachers):
+                elif all(outcomes[t].finished for t in outcome.teachers):
                     cpus, gpus = worker_demand(plan.stages[name].spec.workers)
                     if not running or (cpus <= free[0] + 1e-9 and gpus <= free[1] + 1e-9):
                         start(name, pool)
@@ -159,7 +170,7 @@ def run_job(
                 finish(future)
             if on_poll:
                 on_poll(outcomes, ray.get(board.snapshot.remote()))
-    ok = all(o.status == "done" for o in outcomes.values())
+    ok = all(o.finished for o in outcomes.values())
     tracker.finish(parent, "FINISHED" if ok else "FAILED")
     ray.kill(board)
     return outcomes

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipeline.errors import UserError
+from pipeline.models import WEIGHTS_FILE
 
 WEIGHTS_DIR = "weights"
 TAG_KIND, TAG_JOB, TAG_STAGE, TAG_FINGERPRINT = "kdpipe.kind", "kdpipe.job", "kdpipe.stage", "kdpipe.fingerprint"
@@ -79,6 +80,23 @@ class Tracker:
         params = [Param(key, str(value)) for key, value in flatten(config).items()]
         self.client.log_batch(run.info.run_id, params=params)
         return run.info.run_id
+
+    def find_finished_stage(self, experiment_id: str, fingerprint: str) -> tuple[str, dict[str, float]] | None:
+        """The newest FINISHED stage run with this fingerprint whose final weights are stored, and its last metrics.
+
+        This is the reuse rule: a fingerprint names a stage's config, its teachers and its data, so such a run is
+        exactly what training the stage again would produce (up to nondeterminism).
+        """
+        runs = self.client.search_runs(
+            [experiment_id],
+            f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )
+        for run in runs:
+            stored = {a.path for a in self.client.list_artifacts(run.info.run_id, WEIGHTS_DIR)}
+            if f"{WEIGHTS_DIR}/{WEIGHTS_FILE}" in stored:
+                return run.info.run_id, dict(run.data.metrics)
+        return None
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)

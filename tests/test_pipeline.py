@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import mlflow
 import pytest
 import torch
@@ -48,8 +50,9 @@ def test_mlflow_records_parent_and_nested_stage_runs(finished_job):
     runs = mlflow.search_runs(experiment_names=["tests"])  # one row per run
     parents = runs[runs["tags.kdpipe.kind"] == "job"]
     stages = runs[runs["tags.kdpipe.kind"] == "stage"]
-    assert len(parents) == 1 and len(stages) == 3
-    assert set(stages["tags.mlflow.parentRunId"]) == {parents["run_id"].iloc[0]}
+    # Every stage run is nested under one job run (a later rerun that reuses them adds a job run, no stage run).
+    assert len(stages) == 3 and stages["tags.mlflow.parentRunId"].nunique() == 1
+    assert stages["tags.mlflow.parentRunId"].iloc[0] in set(parents["run_id"])
     client = Tracker(uri).client
     for name, outcome in outcomes.items():
         row = stages[stages["tags.kdpipe.stage"] == name].iloc[0]
@@ -79,3 +82,37 @@ def test_student_loaded_its_teachers_trained_weights(finished_job):
         untrained = build_model("resnet8", 10).eval()(probe["images"])
     torch.testing.assert_close(probe["assistant"], expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(probe["assistant"], untrained, atol=1e-2)
+
+
+def test_a_second_run_reuses_every_stage(finished_job):
+    """Issue 5, point 1: nothing is trained again, the same MLflow runs are reused, in a fraction of the time."""
+    root, plan, first = finished_job
+    started = time.perf_counter()
+    second = run_job(plan)
+    seconds = time.perf_counter() - started
+    first_seconds = sum(o.seconds for o in first.values())
+    print(f"\nfirst run: {first_seconds:.1f}s of stage time; second run: {seconds:.1f}s in all")
+    assert [o.status for o in second.values()] == ["reused"] * 3
+    assert {n: o.run_id for n, o in second.items()} == {n: o.run_id for n, o in first.items()}
+    assert second["teacher"].metrics["val/top1"] == first["teacher"].metrics["val/top1"]
+    assert seconds < 0.25 * first_seconds
+
+
+def test_a_failed_stage_skips_its_students_and_exits_1(ray_local, tmp_path, capsys):
+    """A stage that cannot run (each of its 2 workers would get 32 of 64 images, less than a batch) fails with
+    its reason in one line; its student is skipped, not run; the MLflow run is FAILED and the CLI exits 1."""
+    from pipeline.cli import main
+
+    stages = [
+        {"name": "teacher", "model": "resnet8", "epochs": 1},
+        {"name": "student", "model": "resnet8", "teachers": ["teacher"], "method": "kd", "epochs": 1},
+    ]
+    job = write_job(tmp_path / "job.yaml", tiny_job(tmp_path, stages, train_size=64, batch_size=64))
+    assert main(["run", str(job)]) == 1
+    captured = capsys.readouterr()
+    assert "teacher: " in captured.err and "no full batch of 64 per worker" in captured.err
+    assert "student: a teacher stage did not finish" in captured.err
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["tests"])
+    assert sorted(runs["status"]) == ["FAILED", "FAILED"]  # the job run and the teacher run
+    assert set(runs["tags.kdpipe.kind"]) == {"job", "stage"}  # no run was made for the skipped student
