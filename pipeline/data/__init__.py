@@ -1,0 +1,121 @@
+"""Data preparation on the driver: turn a job's `data` section into something every worker can open.
+
+`prepare_data` runs once per job, before any stage: it generates and shards synthetic data when asked (cached by
+its parameters), checks that real data is where the job says, and computes the data's identity, which enters
+every stage fingerprint.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.spec import DataSpec
+
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3),
+    "synthetic": ((0.5,) * 3, (0.25,) * 3),
+}
+
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                       "t10k-labels-idx1-ubyte")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    kind: str  # shards | imagefolder | cifar | fashion-mnist: which reader opens it
+    path: Path  # absolute
+    image_size: int
+    num_classes: int
+    normalization: str
+    identity: str  # content identity: changes when the data changes, not when it moves
+
+
+def prepare_data(spec: DataSpec) -> PreparedData:
+    from pipeline.data.shards import manifest_id, read_manifest
+
+    size = spec.image_size
+    if spec.source == "synthetic":
+        folder = synthesize(spec)
+        return PreparedData("shards", folder, size, spec.classes, "synthetic", manifest_id(folder))
+    path = Path(spec.path).resolve()
+    if spec.source == "shards":
+        if not (path / "manifest.json").is_file():
+            raise UserError(f"data.path: '{spec.path}' has no manifest.json (expected a folder of shards)")
+        manifest = read_manifest(path)
+        return PreparedData("shards", path, size, len(manifest["classes"]), manifest.get("normalization", "imagenet"),
+                            manifest_id(path))
+    if spec.source == "imagefolder":
+        counts = {split: {c.name: sum(1 for _ in c.iterdir()) for c in sorted((path / split).iterdir()) if c.is_dir()}
+                  for split in ("train", "val") if (path / split).is_dir()}
+        if set(counts) != {"train", "val"}:
+            raise UserError(f"data.path: '{spec.path}' needs train/ and val/ class folders (ImageNet layout)")
+        identity = hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()
+        return PreparedData("imagefolder", path, size, len(counts["train"]), "imagenet", identity)
+    if spec.source == "cifar":
+        return PreparedData("cifar", path, size, spec.classes, f"cifar{spec.classes}", f"cifar{spec.classes}")
+    identity = hashlib.sha256()
+    for name in FASHION_MNIST_FILES:
+        identity.update(fashion_mnist_file(path, name).read_bytes())
+    return PreparedData("fashion-mnist", path, size, 10, "fashion-mnist", identity.hexdigest())
+
+
+def synthesize(spec: DataSpec) -> Path:
+    """Generate (once) the synthetic ImageFolder and its shards; returns the shard folder."""
+    from pipeline.data.shards import MANIFEST, shard_image_folder
+    from pipeline.data.synthetic import write_image_folder
+
+    key = f"c{spec.classes}-s{spec.image_size}-n{spec.train_size}-{spec.val_size}-k{spec.shard_size}-seed{spec.seed}"
+    root = Path(spec.path or "data/synthetic").resolve() / key
+    shards = root / "shards"
+    if (shards / MANIFEST).is_file():
+        return shards
+    # Build in a scratch folder and rename at the end: an interrupted run never leaves half a data set behind.
+    scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=root.parent if root.parent.exists() else None))
+    write_image_folder(scratch / "images", spec.classes, spec.image_size, spec.train_size, spec.val_size, spec.seed)
+    manifest = shard_image_folder(scratch / "images", scratch / "shards", spec.shard_size)
+    manifest["normalization"] = "synthetic"
+    (scratch / "shards" / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(scratch, root)
+    return shards
+
+
+def fashion_mnist_file(path: Path, name: str) -> Path:
+    for candidate in (path / f"{name}.gz", path / name, path / "FashionMNIST" / "raw" / name):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"data.path: '{path}' has no {name}[.gz] (expected the Fashion-MNIST IDX files)")
+
+
+def uncompressed_fashion_mnist(path: Path) -> Path:
+    """A root that torchvision's `FashionMNIST` reads: `root/FashionMNIST/raw/` with the IDX files uncompressed.
+
+    The shipped copy is gzip-compressed and may be read-only, so the files are unpacked once into a cache folder;
+    each is written to a temporary name and renamed, so workers unpacking at the same time never see half a file.
+    """
+    sources = [fashion_mnist_file(path, name) for name in FASHION_MNIST_FILES]
+    key = hashlib.sha256("".join(f"{s}:{s.stat().st_size}" for s in sources).encode()).hexdigest()[:16]
+    root = Path(tempfile.gettempdir()) / f"kdpipe-fashion-mnist-{key}"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, source in zip(FASHION_MNIST_FILES, sources, strict=True):
+        target = raw / name
+        if target.is_file():
+            continue
+        opener = gzip.open if source.suffix == ".gz" else open
+        with opener(source, "rb") as f, tempfile.NamedTemporaryFile(dir=raw, delete=False) as tmp:
+            shutil.copyfileobj(f, tmp)
+        os.replace(tmp.name, target)
+    return root
