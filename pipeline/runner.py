@@ -151,10 +151,11 @@ def run_job(
             outcome.status, outcome.error = "failed", one_line(err)
             tracker.finish(outcome.run_id, "FAILED")
 
+    # Stages that more stages wait on go first: a teacher before an independent baseline.
+    launch_order = sorted(plan.order, key=lambda n: -len(plan.downstream(n)))
     with ThreadPoolExecutor(max_workers=len(plan.order)) as pool:
         while any(o.status in ("pending", "running") for o in outcomes.values()):
-            # Stages that more stages wait on go first: a teacher before an independent baseline.
-            for name in sorted(plan.order, key=lambda n: -len(plan.downstream(n))):
+            for name in launch_order:
                 outcome = outcomes[name]
                 if outcome.status != "pending":
                     continue

@@ -27,8 +27,12 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "synthetic": ((0.5,) * 3, (0.25,) * 3),
 }
 
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                       "t10k-labels-idx1-ubyte")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 @dataclass(frozen=True)
@@ -53,11 +57,15 @@ def prepare_data(spec: DataSpec) -> PreparedData:
         if not (path / "manifest.json").is_file():
             raise UserError(f"data.path: '{spec.path}' has no manifest.json (expected a folder of shards)")
         manifest = read_manifest(path)
-        return PreparedData("shards", path, size, len(manifest["classes"]), manifest.get("normalization", "imagenet"),
-                            manifest_id(path))
+        return PreparedData(
+            "shards", path, size, len(manifest["classes"]), manifest.get("normalization", "imagenet"), manifest_id(path)
+        )
     if spec.source == "imagefolder":
-        counts = {split: {c.name: sum(1 for _ in c.iterdir()) for c in sorted((path / split).iterdir()) if c.is_dir()}
-                  for split in ("train", "val") if (path / split).is_dir()}
+        counts = {
+            split: {c.name: sum(1 for _ in c.iterdir()) for c in sorted((path / split).iterdir()) if c.is_dir()}
+            for split in ("train", "val")
+            if (path / split).is_dir()
+        }
         if set(counts) != {"train", "val"}:
             raise UserError(f"data.path: '{spec.path}' needs train/ and val/ class folders (ImageNet layout)")
         identity = hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()
@@ -83,9 +91,7 @@ def synthesize(spec: DataSpec) -> Path:
     # Build in a scratch folder and rename at the end: an interrupted run never leaves half a data set behind.
     scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=root.parent if root.parent.exists() else None))
     write_image_folder(scratch / "images", spec.classes, spec.image_size, spec.train_size, spec.val_size, spec.seed)
-    manifest = shard_image_folder(scratch / "images", scratch / "shards", spec.shard_size)
-    manifest["normalization"] = "synthetic"
-    (scratch / "shards" / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    shard_image_folder(scratch / "images", scratch / "shards", spec.shard_size, normalization="synthetic")
     root.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(scratch, root)

@@ -49,21 +49,39 @@ def open_data(prepared: PreparedData, spec: DataSpec, seed: int, rank: int, worl
     return TensorData(prepared, batch, seed, rank, world, augment)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's shuffle: the same on every rank, different for every (job seed, epoch)."""
+    return seed * 100003 + epoch
+
+
 def image_transforms(size: int, mean: tuple, std: tuple, train: bool) -> v2.Compose:
     """ImageNet recipe (RandomResizedCrop + flip; resize + centre crop) above 64 px, CIFAR recipe below it."""
     if size > 64:
-        geometry = ([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] if train
-                    else [v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size)])
+        geometry = (
+            [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+            if train
+            else [v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size)]
+        )
     else:
         geometry = [v2.Resize((size, size), antialias=True)]
         if train:
             geometry += [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()]
-    return v2.Compose([v2.ToImage(), v2.RGB(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return v2.Compose(
+        [v2.ToImage(), v2.RGB(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    )
 
 
 class ShardData:
-    def __init__(self, prepared: PreparedData, batch_size: int, loader_workers: int, seed: int, rank: int,
-                 world: int, augment: bool):
+    def __init__(
+        self,
+        prepared: PreparedData,
+        batch_size: int,
+        loader_workers: int,
+        seed: int,
+        rank: int,
+        world: int,
+        augment: bool,
+    ):
         manifest = read_manifest(prepared.path)
         self.num_classes = len(manifest["classes"])
         self.folder, self.batch_size, self.workers = prepared.path, batch_size, loader_workers
@@ -77,7 +95,7 @@ class ShardData:
     def _epoch_shards(self, epoch: int) -> list[str]:
         """All ranks shuffle the shard list identically, then `split_by_node` deals it out."""
         names = sorted(self.train_shards)
-        random.Random(self.seed * 100003 + epoch).shuffle(names)
+        random.Random(epoch_seed(self.seed, epoch)).shuffle(names)
         return names
 
     def steps_per_epoch(self, epoch: int) -> int:
@@ -93,16 +111,24 @@ class ShardData:
 
     def _pipeline(self, names: list[str], transform: v2.Compose, shuffle: int, partial: bool) -> wds.WebDataset:
         urls = [str(self.folder / n) for n in names]
-        dataset = wds.WebDataset(urls, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                                 shardshuffle=False, empty_check=False)
+        dataset = wds.WebDataset(
+            urls,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+            shardshuffle=False,
+            empty_check=False,
+        )
         if shuffle:
             dataset = dataset.shuffle(shuffle)
-        return (dataset.decode("pil").to_tuple("jpg;png", "cls").map_tuple(transform, int)
-                .batched(self.batch_size, partial=partial))
+        return (
+            dataset.decode("pil")
+            .to_tuple("jpg;png", "cls")
+            .map_tuple(transform, int)
+            .batched(self.batch_size, partial=partial)
+        )
 
     def _loader(self, dataset: wds.WebDataset) -> wds.WebLoader:
-        return wds.WebLoader(dataset, batch_size=None, num_workers=self.workers,
-                             persistent_workers=False)
+        return wds.WebLoader(dataset, batch_size=None, num_workers=self.workers)
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         dataset = self._pipeline(self._epoch_shards(epoch), self.train_tf, shuffle=1000, partial=False)
@@ -119,7 +145,13 @@ class TensorData:
     def __init__(self, prepared: PreparedData, batch_size: int, seed: int, rank: int, world: int, augment: bool):
         self.train_x, self.train_y, self.val_x, self.val_y, self.num_classes = load_tensors(prepared)
         self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION[prepared.normalization])
-        self.size, self.batch_size, self.seed, self.rank, self.world = prepared.image_size, batch_size, seed, rank, world
+        self.size, self.batch_size, self.seed, self.rank, self.world = (
+            prepared.image_size,
+            batch_size,
+            seed,
+            rank,
+            world,
+        )
         self.augment = augment
 
     def steps_per_epoch(self, epoch: int) -> int:
@@ -132,7 +164,7 @@ class TensorData:
         return (images - self.mean) / self.std
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(len(self.train_y), generator=generator)[self.rank :: self.world]
         for step in range(self.steps_per_epoch(epoch)):
             index = order[step * self.batch_size : (step + 1) * self.batch_size]
@@ -177,11 +209,21 @@ def load_tensors(prepared: PreparedData) -> tuple[torch.Tensor, torch.Tensor, to
 class FolderData:
     """ImageNet layout: `path/train/<class>/*.jpg` and `path/val/<class>/*.jpg`."""
 
-    def __init__(self, prepared: PreparedData, batch_size: int, loader_workers: int, seed: int, rank: int,
-                 world: int, augment: bool):
+    def __init__(
+        self,
+        prepared: PreparedData,
+        batch_size: int,
+        loader_workers: int,
+        seed: int,
+        rank: int,
+        world: int,
+        augment: bool,
+    ):
         mean, std = NORMALIZATION[prepared.normalization]
         root = Path(prepared.path)
-        self.train = datasets.ImageFolder(str(root / "train"), image_transforms(prepared.image_size, mean, std, augment))
+        self.train = datasets.ImageFolder(
+            str(root / "train"), image_transforms(prepared.image_size, mean, std, augment)
+        )
         val = datasets.ImageFolder(str(root / "val"), image_transforms(prepared.image_size, mean, std, False))
         self.val = Subset(val, range(rank, len(val), world))  # each held-out image on exactly one rank
         self.num_classes = len(self.train.classes)
@@ -193,8 +235,9 @@ class FolderData:
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch)
-        return iter(DataLoader(self.train, self.batch_size, sampler=self.sampler, num_workers=self.workers,
-                               drop_last=True))
+        return iter(
+            DataLoader(self.train, self.batch_size, sampler=self.sampler, num_workers=self.workers, drop_last=True)
+        )
 
     def val_batches(self) -> Iterator[Batch]:
         return iter(DataLoader(self.val, self.batch_size, num_workers=self.workers))

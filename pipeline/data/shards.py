@@ -19,15 +19,25 @@ from rich.progress import track
 MANIFEST = "manifest.json"
 
 
-def shard_image_folder(src: Path, out: Path, shard_size: int, splits: tuple[str, ...] = ("train", "val"),
-                       seed: int = 0) -> dict:
+def shard_image_folder(
+    src: Path,
+    out: Path,
+    shard_size: int,
+    splits: tuple[str, ...] = ("train", "val"),
+    seed: int = 0,
+    normalization: str = "imagenet",
+) -> dict:
     """Write `out/{split}-NNNNNN.tar` for each split folder of `src` and the manifest; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     classes = sorted(p.name for p in (src / splits[0]).iterdir() if p.is_dir())
-    manifest: dict = {"classes": classes, "splits": {}}
+    manifest: dict = {"classes": classes, "normalization": normalization, "splits": {}}
     for split in splits:
-        files = [(path, label) for label, name in enumerate(classes)
-                 for path in sorted((src / split / name).iterdir()) if path.is_file()]
+        files = [
+            (path, label)
+            for label, name in enumerate(classes)
+            for path in sorted((src / split / name).iterdir())
+            if path.is_file()
+        ]
         # Written in a fixed random order: a reader's shuffle buffer only mixes nearby samples, so shards in
         # class order would feed whole runs of one class into consecutive batches.
         random.Random(seed).shuffle(files)
@@ -41,8 +51,9 @@ def shard_image_folder(src: Path, out: Path, shard_size: int, splits: tuple[str,
 
 
 def describe_shards(paths: list[Path]) -> dict:
-    shards = [{"name": p.name, "count": count_samples(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-              for p in paths]
+    shards = [
+        {"name": p.name, "count": count_samples(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths
+    ]
     return {"count": sum(s["count"] for s in shards), "shards": shards}
 
 

@@ -27,8 +27,10 @@ def grating_images(label: int, count: int, classes: int, size: int, rng: np.rand
     cycles = (2.0 if label % 2 else 4.0) * rng.uniform(0.92, 1.08, count)
     phase = rng.uniform(0, 2 * math.pi, count)
     yy, xx = np.mgrid[0:size, 0:size] / size
-    wave = np.sin(2 * math.pi * cycles[:, None, None] * (np.cos(theta)[:, None, None] * xx
-                                                        + np.sin(theta)[:, None, None] * yy) + phase[:, None, None])
+    wave = np.sin(
+        2 * math.pi * cycles[:, None, None] * (np.cos(theta)[:, None, None] * xx + np.sin(theta)[:, None, None] * yy)
+        + phase[:, None, None]
+    )
     colour = rng.uniform(0.5, 1.0, (count, 1, 1, 3))
     image = 0.5 + 0.4 * wave[..., None] * colour + rng.normal(0, 0.1, (count, size, size, 3))
     return (np.clip(image, 0, 1) * 255).astype(np.uint8)
