@@ -6,7 +6,9 @@ Every user mistake surfaces as a `UserError`, caught once here: one line on stde
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -38,6 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("job", type=Path, help="the job file (YAML); see jobs/ for examples")
     run.add_argument("-v", "--verbose", action="store_true", help="show Ray, DeepSpeed and worker logs")
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="retrain STAGE and every stage downstream of it in new MLflow runs, even if finished runs exist "
+        "(earlier runs and their artifacts are kept); repeatable",
+    )
+
+    status = commands.add_parser(
+        "status",
+        help="show what MLflow holds for each stage of a job",
+        description="A table of the job's stages: pending, running, done, reused (by the latest run of the job) "
+        "or failed; the MLflow run id, epochs done, the latest checkpoint's step, the best validation top-1 and "
+        "the run's duration. A stage shown 'running' whose driver died is resumed by the next 'kdpipe run'.",
+    )
+    status.add_argument("job", help="the job file (YAML), or the MLflow run id of one run of the job")
+    status.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        help="MLflow store to look in when JOB is a run id (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
 
     validate = commands.add_parser(
         "validate",
@@ -52,9 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "validate":
-            return cmd_validate(args)
-        return cmd_run(args)
+        commands = {"validate": cmd_validate, "run": cmd_run, "status": cmd_status}
+        return commands[args.command](args)
     except UserError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2
@@ -76,6 +99,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.plan import load_plan
 
     plan = load_plan(args.job)
+    for name in args.force:
+        if name not in plan.stages:
+            raise UserError(f"--force: no stage '{name}' in {args.job}; its stages are: {', '.join(plan.order)}")
     from pipeline.runner import run_job  # heavy imports (Ray, DeepSpeed) only once the job file is known good
 
     with Progress(
@@ -106,14 +132,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                     progress.start_task(bar)
                     progress.update(bar, info="starting workers")
 
-        outcomes = run_job(plan, verbose=args.verbose, on_poll=on_poll)
-    # Logs and CI are not terminals (rich assumes 80 columns there): keep the run ids whole.
-    table_console = console if console.is_terminal else Console(width=140)
-    table_console.print(outcome_table(plan.job.name, outcomes))
+        outcomes = run_job(plan, force=tuple(args.force), verbose=args.verbose, on_poll=on_poll)
+    print_table(outcome_table(plan.job.name, outcomes))
     for outcome in outcomes.values():
         if outcome.error:
             err_console.print(f"[red]{outcome.name}[/]: {outcome.error}", highlight=False, soft_wrap=True)
     return 0 if all(o.finished for o in outcomes.values()) else 1
+
+
+def print_table(table: Table) -> None:
+    # Logs and CI are not terminals (rich assumes 80 columns there): keep the run ids whole.
+    (console if console.is_terminal else Console(width=140)).print(table)
 
 
 def outcome_table(job: str, outcomes: dict) -> Table:
@@ -131,13 +160,54 @@ def outcome_table(job: str, outcomes: dict) -> Table:
             o.name,
             o.method,
             ", ".join(o.teachers) or "-",
-            o.status,
+            f"{o.status} (resumed)" if o.resumed else o.status,
             f"{o.metrics['val/top1']:.3f}" if "val/top1" in o.metrics else "-",
             f"{top5:.3f}" if top5 is not None else "-",
             f"{o.seconds:.0f}s",
             o.run_id or "-",
         )
     return table
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.plan import load_plan, plan_job
+    from pipeline.spec import JobSpec
+    from pipeline.status import job_status
+    from pipeline.tracking import Tracker, TrackingError
+
+    if Path(args.job).is_file():
+        plan = load_plan(args.job)
+        tracker = Tracker(plan.job.tracking.uri)
+    else:  # a run id: the job run stores the job it ran as job.json
+        tracker = Tracker(args.tracking_uri)
+        try:
+            run = tracker.client.get_run(args.job)
+            with tempfile.TemporaryDirectory() as folder:
+                stored = tracker.client.download_artifacts(run.info.run_id, "job.json", folder)
+                job = JobSpec.model_validate_json(Path(stored).read_text())
+        except TrackingError:
+            raise UserError(f"{args.job}: neither a job file nor a kdpipe job run in {tracker.uri}") from None
+        plan = plan_job(job)
+    try:
+        rows = job_status(plan, tracker, tracker.experiment_id(plan.job.tracking.experiment))
+    except TrackingError as err:
+        raise UserError(str(err)) from None
+    table = Table(title=f"kdpipe job '{plan.job.name}' in {tracker.uri}")
+    for column in ("stage", "method", "state", "epochs", "step", "best top-1", "time", "MLflow run id"):
+        table.add_column(column, justify="right" if column in ("step", "best top-1", "time") else "left")
+    for row in rows:
+        table.add_row(
+            row.name,
+            row.method,
+            row.state,
+            row.epochs or "-",
+            str(row.step) if row.run_id else "-",
+            f"{row.best_top1:.3f}" if row.best_top1 is not None else "-",
+            f"{row.seconds:.0f}s" if row.seconds is not None else "-",
+            row.run_id or "-",
+        )
+    print_table(table)
+    return 0
 
 
 if __name__ == "__main__":

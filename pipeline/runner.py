@@ -6,6 +6,7 @@ as long as the cluster has CPUs and GPUs free for their workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -20,9 +21,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline.data import prepare_data
 from pipeline.plan import Plan
 from pipeline.progress import open_board
-from pipeline.spec import WorkersSpec
+from pipeline.spec import CheckpointSpec, WorkersSpec
 from pipeline.stage import StageTask, TeacherRef, stage_loop
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, TrackingError
 
 POLL_SECONDS = 2.0  # how often the driver looks at stages and progress: every poll takes CPU from training
 
@@ -38,6 +39,8 @@ class StageOutcome:
     seconds: float = 0.0
     metrics: dict = field(default_factory=dict)
     error: str = ""
+    resume: str | None = None  # set when an interrupted run of this stage is continued: its latest MLflow checkpoint
+    resumed: bool = False
 
     @property
     def finished(self) -> bool:
@@ -46,12 +49,17 @@ class StageOutcome:
 
 
 def ensure_ray(verbose: bool) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local one on this machine's cores."""
+    """Join the cluster named by RAY_ADDRESS, or start a local one on this machine's cores.
+
+    The driver's MLFLOW_* settings (credentials, timeouts, retries) go to every worker: they log to MLflow too.
+    """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    mlflow_env = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
     ray.init(
         address=address,
+        runtime_env={"env_vars": mlflow_env} if mlflow_env else None,
         log_to_driver=verbose,
         include_dashboard=False if not address else None,
         configure_logging=verbose,
@@ -63,7 +71,12 @@ def worker_demand(workers: WorkersSpec) -> tuple[float, float]:
     return workers.count * workers.cpus, workers.count * workers.gpus
 
 
-def launch_stage(task: StageTask, workers: WorkersSpec, storage: Path, fingerprint: str) -> dict:
+def ray_run_name(job: str, stage: str, run_id: str) -> str:
+    """One Ray Train run per MLflow stage run: a rerun that resumes the MLflow run finds Ray's own checkpoints."""
+    return f"{job}-{stage}-{run_id}"
+
+
+def launch_stage(task: StageTask, workers: WorkersSpec, storage: Path, checkpointing: CheckpointSpec) -> dict:
     """One stage as one Ray Train run; returns the metrics of its last report."""
     use_gpu = workers.gpus > 0
     trainer = TorchTrainer(
@@ -76,18 +89,25 @@ def launch_stage(task: StageTask, workers: WorkersSpec, storage: Path, fingerpri
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"{task.job}-{task.config['name']}-{fingerprint[:12]}",
+            name=ray_run_name(task.job, task.config["name"], task.run_id),
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=0),
+            # A dead worker restarts the whole group from the latest checkpoint (`ray.train.get_checkpoint()`).
+            failure_config=FailureConfig(max_failures=checkpointing.max_restarts),
         ),
     )
     return trainer.fit().metrics or {}
 
 
 def run_job(
-    plan: Plan, *, verbose: bool = False, on_poll: Callable[[dict[str, StageOutcome], dict], None] | None = None
+    plan: Plan,
+    *,
+    force: tuple[str, ...] = (),
+    verbose: bool = False,
+    on_poll: Callable[[dict[str, StageOutcome], dict], None] | None = None,
 ) -> dict[str, StageOutcome]:
+    """Run every stage that has not run with these exact inputs; `force` retrains the named stages and everything
+    downstream of them in new MLflow runs (the old runs and their artifacts stay)."""
     job = plan.job
     data = prepare_data(job.data)
     prints = plan.fingerprints(data.identity)
@@ -100,15 +120,13 @@ def run_job(
         )
         for name in plan.order
     }
-    for name in plan.order:  # stages that already ran, with these exact inputs, are never trained again
-        found = tracker.find_finished_stage(experiment, prints[name])
-        if found:
-            outcome = outcomes[name]
-            outcome.status, (outcome.run_id, outcome.metrics) = "reused", found
-            tracker.set_tags(parent, {f"kdpipe.reused.{name}": outcome.run_id})
+    storage = Path(job.workdir).resolve() / "ray"
+    forced = set().union(*(plan.downstream(name) for name in force))
+    for name in plan.order:
+        if name not in forced:
+            find_earlier_run(tracker, experiment, parent, outcomes[name], job.name, storage)
     ensure_ray(verbose)
     board = open_board(job.name)
-    storage = Path(job.workdir).resolve() / "ray"
     capacity = ray.cluster_resources()
     free = [capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)]
     running: dict[Future, str] = {}
@@ -117,9 +135,16 @@ def run_job(
         stage = plan.stages[name]
         outcome = outcomes[name]
         teacher_runs = {t: outcomes[t].run_id for t in stage.spec.teachers}
-        outcome.run_id = tracker.start_stage_run(
-            experiment, parent, job.name, name, prints[name], stage.config, teacher_runs
-        )
+        try:
+            if outcome.resumed:
+                tracker.reopen(outcome.run_id, parent, name)
+            else:
+                outcome.run_id = tracker.start_stage_run(
+                    experiment, parent, job.name, name, prints[name], stage.config, teacher_runs
+                )
+        except TrackingError as err:
+            outcome.status, outcome.error = "failed", str(err)
+            return
         task = StageTask(
             job.name,
             stage.config,
@@ -129,12 +154,14 @@ def run_job(
             tracker.uri,
             outcome.run_id,
             job.seed,
+            job.checkpoint,
+            outcome.resume,
         )
         outcome.status, outcome.seconds = "running", time.perf_counter()
         cpus, gpus = worker_demand(stage.spec.workers)
         free[0] -= cpus
         free[1] -= gpus
-        running[pool.submit(launch_stage, task, stage.spec.workers, storage, prints[name])] = name
+        running[pool.submit(launch_stage, task, stage.spec.workers, storage, job.checkpoint)] = name
 
     def finish(future: Future) -> None:
         name = running.pop(future)
@@ -146,10 +173,12 @@ def run_job(
         try:
             outcome.metrics = future.result()
             outcome.status = "done"
-            tracker.finish(outcome.run_id)
         except Exception as err:  # a failed stage fails its descendants, never its siblings
             outcome.status, outcome.error = "failed", one_line(err)
-            tracker.finish(outcome.run_id, "FAILED")
+        try:
+            tracker.finish(outcome.run_id, "FINISHED" if outcome.status == "done" else "FAILED")
+        except TrackingError as err:  # the run stays RUNNING in MLflow; a rerun resumes it
+            outcome.status, outcome.error = "failed", outcome.error or str(err)
 
     # Stages that more stages wait on go first: a teacher before an independent baseline.
     launch_order = sorted(plan.order, key=lambda n: -len(plan.downstream(n)))
@@ -172,9 +201,29 @@ def run_job(
             if on_poll:
                 on_poll(outcomes, ray.get(board.snapshot.remote()))
     ok = all(o.finished for o in outcomes.values())
-    tracker.finish(parent, "FINISHED" if ok else "FAILED")
+    with contextlib.suppress(TrackingError):  # a tracking outage is already each stage's reported error
+        tracker.finish(parent, "FINISHED" if ok else "FAILED")
     ray.kill(board)
     return outcomes
+
+
+def find_earlier_run(
+    tracker: Tracker, experiment: str, parent: str, outcome: StageOutcome, job: str, storage: Path
+) -> None:
+    """Reuse a finished run of this exact stage (same fingerprint), or resume an interrupted one that left a
+    checkpoint (in MLflow, or in Ray Train's storage on this machine); otherwise the stage trains from scratch."""
+    found = tracker.find_finished_stage(experiment, outcome.fingerprint)
+    if found:
+        outcome.status, (outcome.run_id, outcome.metrics) = "reused", found
+        tracker.set_tags(parent, {f"kdpipe.reused.{outcome.name}": outcome.run_id})
+        return
+    interrupted = tracker.find_interrupted_stage(experiment, outcome.fingerprint)
+    if interrupted is None:
+        return
+    run_id = interrupted.info.run_id
+    stored = tracker.checkpoints(run_id)
+    if stored or (storage / ray_run_name(job, outcome.name, run_id)).is_dir():
+        outcome.run_id, outcome.resumed, outcome.resume = run_id, True, (stored[-1] if stored else None)
 
 
 def one_line(err: BaseException) -> str:

@@ -109,12 +109,28 @@ class StageSpec(Strict):
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
 
 
+class CheckpointSpec(Strict):
+    """How often a training stage saves its full state (to Ray Train's storage and to its MLflow run).
+
+    Not part of any stage's fingerprint: when a stage saves changes nothing about what it learns."""
+
+    every_steps: NonNegativeInt = Field(0, description="save every N optimizer steps (0: off)")
+    every_minutes: NonNegativeFloat = Field(15.0, description="save when this many minutes have passed (0: off)")
+    keep: PositiveInt = Field(2, description="checkpoints kept in the MLflow run; older ones are deleted")
+    max_restarts: NonNegativeInt = Field(
+        2, description="times Ray Train restarts a stage's workers from the latest checkpoint after a failure"
+    )
+
+
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
     workdir: str = Field("kdpipe-out", description="where Ray Train keeps checkpoints")
     data: DataSpec
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="also saved at the end of every epoch"
+    )
     stages: list[StageSpec] = Field(min_length=1)
 
 

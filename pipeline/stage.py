@@ -2,13 +2,15 @@
 
 data (this rank's batches) -> method.forward_train -> DeepSpeed engine step -> evaluation over all ranks ->
 `ray.train.report(metrics, checkpoint)`; rank 0 also logs each epoch to the stage's MLflow run and, at the end,
-the final weights. A speed or checkpoint fix made here holds for every method.
+the final weights. Full checkpoints (`pipeline.checkpoint`) go to Ray Train and to MLflow at every epoch's end and
+every `checkpoint.every_steps` steps or `every_minutes` minutes; a stage starts from the latest one it finds.
+A speed or checkpoint fix made here holds for every method.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,15 +24,17 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+from pipeline.checkpoint import Position, read_state, write_state
 from pipeline.data import PreparedData
 from pipeline.data.loaders import open_data
 from pipeline.methods import METHODS
 from pipeline.models import build_model, load_weights, save_weights
 from pipeline.progress import report_progress
-from pipeline.spec import DataSpec, OptimizerSpec, ScheduleSpec, StageSpec
-from pipeline.tracking import Tracker
+from pipeline.spec import CheckpointSpec, DataSpec, OptimizerSpec, ScheduleSpec, StageSpec
+from pipeline.tracking import TAG_CHECKPOINT, TAG_RESUMED, Tracker
 
 PROBE_FILE, PROBE_SIZE = "probe.safetensors", 16
+CLOCK_CHECK_STEPS = 10  # how often ranks agree on whether a time-based checkpoint is due (a small collective)
 # NHWC inputs make convolutions run NHWC: about 25% faster on CPU (oneDNN), and the layout tensor cores want on
 # GPU. Parameters stay in the default layout, which DeepSpeed's broadcast and ZeRO's flat buffers expect.
 CHANNELS_LAST = torch.channels_last
@@ -54,6 +58,8 @@ class StageTask:
     tracking_uri: str
     run_id: str
     seed: int
+    checkpoint: CheckpointSpec
+    resume: str | None = None  # the MLflow checkpoint to start from when Ray Train has none of its own
 
 
 def lr_factor(schedule: ScheduleSpec, epoch: float, epochs: int) -> float:
@@ -124,6 +130,64 @@ def log_teacher_probe(tracker: Tracker, run_id: str, refs, teachers: list[nn.Mod
         tracker.log_artifact(run_id, Path(folder) / PROBE_FILE, "teachers")
 
 
+class CheckpointClock:
+    """When the next mid-epoch checkpoint is due, decided the same way on every rank (all of them must save)."""
+
+    def __init__(self, spec: CheckpointSpec, global_step: int, device: torch.device):
+        self.spec, self.device = spec, device
+        self.saved(global_step)
+
+    def saved(self, global_step: int) -> None:
+        self.last_step, self.last_time = global_step, time.monotonic()
+
+    def due(self, global_step: int) -> bool:
+        if self.spec.every_steps and global_step - self.last_step >= self.spec.every_steps:
+            return True
+        if not self.spec.every_minutes or global_step % CLOCK_CHECK_STEPS:
+            return False
+        # Ranks' clocks differ; rank 0's decides, at a step every rank reaches.
+        late = time.monotonic() - self.last_time >= 60 * self.spec.every_minutes
+        flag = torch.tensor([int(late)], device=self.device)
+        dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+
+def restore(task: StageTask, tracker: Tracker, module: nn.Module, optimizer, rank: int, device) -> Position:
+    """Where training starts: Ray Train's latest checkpoint of this run (a worker restart, or a rerun on the same
+    storage), else the MLflow checkpoint the driver chose (a rerun anywhere), else the beginning."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            position = read_state(Path(folder), module, optimizer, rank, device)
+        source = "Ray Train checkpoint"
+    elif task.resume:
+        folder = tracker.download_checkpoint(task.run_id, task.resume, rank)
+        position = read_state(folder, module, optimizer, rank, device)
+        shutil.rmtree(folder)
+        source = "MLflow artifact"
+    else:
+        return Position(0, 0, 0)
+    if rank == 0:
+        tracker.set_tags(task.run_id, {TAG_RESUMED: f"{position.name} ({source})"})
+    return position
+
+
+def save_checkpoint(
+    task: StageTask, tracker: Tracker, module: nn.Module, optimizer, position: Position, rank: int, metrics: dict
+) -> None:
+    """Every rank hands its part to Ray Train (one merged checkpoint folder), then to the stage's MLflow run:
+    rank 0 uploads the position file last, after a barrier, so a checkpoint with one is complete."""
+    with tempfile.TemporaryDirectory() as folder:
+        files = write_state(Path(folder), module, optimizer, position, rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        tracker.log_checkpoint(task.run_id, files[:1], position.name)
+        dist.barrier()
+        if rank == 0:
+            tracker.log_checkpoint(task.run_id, files[1:], position.name)
+            tracker.set_tags(task.run_id, {TAG_CHECKPOINT: position.name})
+            tracker.prune_checkpoints(task.run_id, task.checkpoint.keep)
+
+
 def stage_loop(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`."""
     task: StageTask = config["task"]
@@ -152,13 +216,17 @@ def stage_loop(config: dict) -> None:
         model=method, optimizer=optimizer, config=deepspeed_config(stage, task.reading.batch_size, world)
     )
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    position = restore(task, tracker, engine.module, optimizer, rank, device)
+    clock = CheckpointClock(task.checkpoint, position.global_step, device)
+    global_step = position.global_step
 
-    for epoch in range(stage.epochs):
+    for epoch in range(position.epoch, stage.epochs):
         started = time.perf_counter()
         engine.train()
         steps = data.steps_per_epoch(epoch)
-        sums: dict[str, torch.Tensor] = {}
-        for step, (images, labels) in enumerate(data.train_batches(epoch)):
+        first = position.step if epoch == position.epoch else 0
+        sums: dict[str, torch.Tensor | float] = dict(position.sums) if first else {}
+        for step, (images, labels) in enumerate(data.train_batches(epoch, first), first):
             factor = lr_factor(stage.schedule, epoch + step / steps, stage.epochs)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
@@ -166,8 +234,9 @@ def stage_loop(config: dict) -> None:
             loss = sum(losses.values())
             engine.backward(loss)
             engine.step()
+            global_step += 1
             for name, value in {"loss": loss, **losses}.items():  # summed on device: no sync per step
-                sums[name] = sums.get(name, 0) + value.detach().float()
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
             if rank == 0 and step % 10 == 0:
                 report_progress(
                     task.job,
@@ -178,42 +247,31 @@ def stage_loop(config: dict) -> None:
                     steps=steps,
                     loss=float(loss),
                 )
+            if step + 1 < steps and clock.due(global_step):
+                sums_now = {name: float(value) for name, value in sums.items()}
+                position = Position(epoch, step + 1, global_step, sums_now)
+                save_checkpoint(task, tracker, engine.module, optimizer, position, rank, {"global_step": global_step})
+                clock.saved(global_step)
         engine.eval()
-        metrics = {f"train/{name}": (value / max(steps, 1)).item() for name, value in sums.items()}
+        metrics = {f"train/{name}": float(value) / max(steps, 1) for name, value in sums.items()}
         metrics.update(evaluate(engine.module.student, data.val_batches(), device, dtype, data.num_classes))
         end_lr = base_lrs[0] * lr_factor(stage.schedule, epoch + 1, stage.epochs)
-        metrics.update({"lr": end_lr, "epoch_seconds": time.perf_counter() - started})
-        report_epoch(task, tracker, engine.module.student, stage, epoch, metrics, rank, data.num_classes)
-
-
-def report_epoch(
-    task: StageTask,
-    tracker: Tracker,
-    student: nn.Module,
-    stage: StageSpec,
-    epoch: int,
-    metrics: dict,
-    rank: int,
-    num_classes: int,
-) -> None:
-    """Rank 0 logs to MLflow and hands Ray Train a checkpoint; the last epoch's weights become the artifact."""
-    last = epoch == stage.epochs - 1
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
+        metrics.update({"lr": end_lr, "epoch_seconds": time.perf_counter() - started, "global_step": global_step})
         if rank == 0:
             tracker.log_metrics(task.run_id, metrics, step=epoch)
-            save_weights(student, stage.model, num_classes, Path(folder) / "weights")
-            (Path(folder) / "progress.json").write_text(json.dumps({"epoch": epoch}))
-            if last:
-                tracker.log_weights(task.run_id, Path(folder) / "weights")
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-            report_progress(
-                task.job,
-                task.config["name"],
-                epoch=epoch + 1,
-                epochs=stage.epochs,
-                step=0,
-                steps=1,
-                top1=metrics["val/top1"],
-            )
-        ray.train.report({"epoch": epoch, **metrics}, checkpoint=checkpoint)
+        position = Position(epoch + 1, 0, global_step)
+        save_checkpoint(task, tracker, engine.module, optimizer, position, rank, {"epoch": epoch, **metrics})
+        clock.saved(global_step)
+        if rank == 0:
+            finish_epoch(task, tracker, engine.module.student, stage, epoch, metrics["val/top1"], data.num_classes)
+
+
+def finish_epoch(
+    task: StageTask, tracker: Tracker, student: nn.Module, stage: StageSpec, epoch: int, top1: float, classes: int
+) -> None:
+    """Rank 0: after the last epoch the student's weights become the stage's artifact; the board hears progress."""
+    if epoch == stage.epochs - 1:
+        with tempfile.TemporaryDirectory() as folder:
+            save_weights(student, stage.model, classes, Path(folder))
+            tracker.log_weights(task.run_id, Path(folder))
+    report_progress(task.job, task.config["name"], epoch=epoch + 1, epochs=stage.epochs, step=0, steps=1, top1=top1)

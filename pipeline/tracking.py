@@ -7,22 +7,59 @@ Ray worker can log to the same run at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+import requests
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pipeline.checkpoint import MODEL, POSITION, rank_file
 from pipeline.errors import UserError
 from pipeline.models import WEIGHTS_FILE
 
-WEIGHTS_DIR = "weights"
+WEIGHTS_DIR, CHECKPOINTS_DIR = "weights", "checkpoints"
 TAG_KIND, TAG_JOB, TAG_STAGE, TAG_FINGERPRINT = "kdpipe.kind", "kdpipe.job", "kdpipe.stage", "kdpipe.fingerprint"
 TAG_TEACHER = "kdpipe.teacher"  # kdpipe.teacher.<stage> = the MLflow run whose weights this stage learned from
+TAG_CHECKPOINT, TAG_RESUMED = "kdpipe.checkpoint", "kdpipe.resumed_from"
+
+
+class TrackingError(Exception):
+    """MLflow failed (server unreachable, store broken): one line that names the tracking URI."""
+
+
+@contextlib.contextmanager
+def naming_uri(uri: str):
+    """Turn any MLflow, HTTP or file-store failure inside the block into a one-line `TrackingError`."""
+    try:
+        yield
+    except (mlflow.exceptions.MlflowException, requests.RequestException, OSError) as err:
+        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise TrackingError(f"MLflow tracking at {uri} failed: {reason[:300]}") from None
+
+
+class GuardedClient:
+    """An `MlflowClient` whose every failing call raises a `TrackingError` naming the tracking URI."""
+
+    def __init__(self, uri: str):
+        self.uri, self._client = uri, MlflowClient(uri)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            with naming_uri(self.uri):
+                return method(*args, **kwargs)
+
+        return call
 
 
 def resolve_uri(uri: str) -> str:
@@ -36,7 +73,7 @@ def resolve_uri(uri: str) -> str:
 class Tracker:
     def __init__(self, uri: str):
         self.uri = resolve_uri(uri)
-        self.client = MlflowClient(self.uri)
+        self.client = GuardedClient(self.uri)
 
     def experiment_id(self, name: str) -> str:
         """Get or create the experiment; a sqlite store keeps artifacts beside its database file."""
@@ -48,8 +85,8 @@ class Tracker:
             if self.uri.startswith("sqlite:///"):
                 location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
             return self.client.create_experiment(name, artifact_location=location)
-        except mlflow.exceptions.MlflowException as err:
-            raise UserError(f"tracking.uri: cannot use MLflow store '{self.uri}': {str(err).splitlines()[0]}") from None
+        except TrackingError as err:
+            raise UserError(f"tracking.uri: cannot use the MLflow store: {err}") from None
 
     def start_job_run(self, experiment_id: str, job: str, spec: dict) -> str:
         tags = {TAG_KIND: "job", TAG_JOB: job, MLFLOW_RUN_NAME: job}
@@ -97,6 +134,67 @@ class Tracker:
             if f"{WEIGHTS_DIR}/{WEIGHTS_FILE}" in stored:
                 return run.info.run_id, dict(run.data.metrics)
         return None
+
+    def find_interrupted_stage(self, experiment_id: str, fingerprint: str) -> Run | None:
+        """The newest run of this fingerprint that never finished (its driver or workers died, or it failed)."""
+        runs = self.client.search_runs(
+            [experiment_id],
+            f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def latest_stage_run(self, experiment_id: str, fingerprint: str) -> Run | None:
+        runs = self.client.search_runs(
+            [experiment_id], f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}'", order_by=["attributes.start_time DESC"]
+        )
+        return runs[0] if runs else None
+
+    def latest_job_run(self, experiment_id: str, job: str) -> Run | None:
+        runs = self.client.search_runs(
+            [experiment_id],
+            f"tags.`{TAG_KIND}` = 'job' and tags.`{TAG_JOB}` = '{job}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def reopen(self, run_id: str, parent_id: str, stage: str) -> None:
+        """Mark an interrupted stage run RUNNING again: it resumes in place, keeping its run id and history."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.set_tags(parent_id, {f"kdpipe.resumed.{stage}": run_id})
+
+    def log_checkpoint(self, run_id: str, files: list[Path], name: str) -> None:
+        for path in files:
+            self.client.log_artifact(run_id, str(path), f"{CHECKPOINTS_DIR}/{name}")
+
+    def checkpoints(self, run_id: str) -> list[str]:
+        """Names of the run's complete checkpoints (rank 0 stores the position file last), oldest first."""
+        names = []
+        for folder in self.client.list_artifacts(run_id, CHECKPOINTS_DIR):
+            if any(a.path.endswith(POSITION) for a in self.client.list_artifacts(run_id, folder.path)):
+                names.append(Path(folder.path).name)
+        return sorted(names)
+
+    def prune_checkpoints(self, run_id: str, keep: int) -> None:
+        """Delete all but the newest `keep` complete checkpoints (and any broken upload older than them)."""
+        kept = self.checkpoints(run_id)[-keep:]
+        stale = [
+            a.path for a in self.client.list_artifacts(run_id, CHECKPOINTS_DIR) if kept and Path(a.path).name < kept[0]
+        ]
+        if stale:
+            with naming_uri(self.uri):
+                repository = get_artifact_repository(self.client.get_run(run_id).info.artifact_uri)
+                for path in stale:
+                    repository.delete_artifacts(path)
+
+    def download_checkpoint(self, run_id: str, name: str, rank: int) -> Path:
+        """The files one rank needs from a stored checkpoint, in a fresh local folder."""
+        target = tempfile.mkdtemp(prefix="kdpipe-checkpoint-")
+        for file in (POSITION, MODEL, rank_file(rank)):  # a file artifact downloads to target/<its name>
+            self.client.download_artifacts(run_id, f"{CHECKPOINTS_DIR}/{name}/{file}", target)
+        return Path(target)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)

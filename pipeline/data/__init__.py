@@ -78,13 +78,26 @@ def prepare_data(spec: DataSpec) -> PreparedData:
     return PreparedData("fashion-mnist", path, size, 10, "fashion-mnist", identity.hexdigest())
 
 
+def data_identity(spec: DataSpec) -> str | None:
+    """The data's identity without generating anything: None while synthetic data has not been made yet."""
+    from pipeline.data.shards import MANIFEST
+
+    if spec.source == "synthetic" and not (synthetic_root(spec) / "shards" / MANIFEST).is_file():
+        return None
+    return prepare_data(spec).identity
+
+
+def synthetic_root(spec: DataSpec) -> Path:
+    key = f"c{spec.classes}-s{spec.image_size}-n{spec.train_size}-{spec.val_size}-k{spec.shard_size}-seed{spec.seed}"
+    return Path(spec.path or "data/synthetic").resolve() / key
+
+
 def synthesize(spec: DataSpec) -> Path:
     """Generate (once) the synthetic ImageFolder and its shards; returns the shard folder."""
     from pipeline.data.shards import MANIFEST, shard_image_folder
     from pipeline.data.synthetic import write_image_folder
 
-    key = f"c{spec.classes}-s{spec.image_size}-n{spec.train_size}-{spec.val_size}-k{spec.shard_size}-seed{spec.seed}"
-    root = Path(spec.path or "data/synthetic").resolve() / key
+    root = synthetic_root(spec)
     shards = root / "shards"
     if (shards / MANIFEST).is_file():
         return shards

@@ -10,6 +10,7 @@ Three readers behind one interface:
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +28,16 @@ from pipeline.data.shards import read_manifest
 from pipeline.spec import DataSpec
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+SHUFFLE_BUFFER = 1000  # samples each DataLoader worker shuffles among, after the per-epoch shard shuffle
 
 
 class StageData(Protocol):
+    """Each epoch's batches are a function of (seed, epoch, rank): resuming at step k of an epoch replays the same
+    order and starts at batch k, so no sample is trained twice or skipped."""
+
     num_classes: int
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]: ...
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]: ...
 
     def steps_per_epoch(self, epoch: int) -> int: ...
 
@@ -49,9 +54,15 @@ def open_data(prepared: PreparedData, spec: DataSpec, seed: int, rank: int, worl
     return TensorData(prepared, batch, seed, rank, world, augment)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of one epoch's shuffle: the same on every rank, different for every (job seed, epoch)."""
-    return seed * 100003 + epoch
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch's shuffle (rank 0: the shard order all ranks share) or of one rank's sample order and
+    augmentation; different for every (job seed, epoch, rank)."""
+    return (seed * 100003 + epoch) * 1009 + rank
+
+
+def loader_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """Seeds the DataLoader's workers, and so their augmentation, the same way whenever the epoch is replayed."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
 
 
 def image_transforms(size: int, mean: tuple, std: tuple, train: bool) -> v2.Compose:
@@ -109,7 +120,9 @@ class ShardData:
 
         return min(rank_batches(r) for r in range(self.world))
 
-    def _pipeline(self, names: list[str], transform: v2.Compose, shuffle: int, partial: bool) -> wds.WebDataset:
+    def _pipeline(
+        self, names: list[str], transform: v2.Compose, shuffle_seed: int | None, partial: bool
+    ) -> wds.WebDataset:
         urls = [str(self.folder / n) for n in names]
         dataset = wds.WebDataset(
             urls,
@@ -118,8 +131,8 @@ class ShardData:
             shardshuffle=False,
             empty_check=False,
         )
-        if shuffle:
-            dataset = dataset.shuffle(shuffle)
+        if shuffle_seed is not None:
+            dataset = dataset.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed)
         return (
             dataset.decode("pil")
             .to_tuple("jpg;png", "cls")
@@ -127,16 +140,18 @@ class ShardData:
             .batched(self.batch_size, partial=partial)
         )
 
-    def _loader(self, dataset: wds.WebDataset) -> wds.WebLoader:
-        return wds.WebLoader(dataset, batch_size=None, num_workers=self.workers)
+    def _loader(self, dataset: wds.WebDataset, generator: torch.Generator | None = None) -> wds.WebLoader:
+        return wds.WebLoader(dataset, batch_size=None, num_workers=self.workers, generator=generator)
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
-        dataset = self._pipeline(self._epoch_shards(epoch), self.train_tf, shuffle=1000, partial=False)
-        loader = self._loader(dataset).with_epoch(self.steps_per_epoch(epoch))
-        return iter(loader)
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        seed = epoch_seed(self.seed, epoch, self.rank)
+        dataset = self._pipeline(self._epoch_shards(epoch), self.train_tf, seed, partial=False)
+        loader = self._loader(dataset, loader_generator(self.seed, epoch, self.rank))
+        # Resuming mid-epoch reads the first `start` batches again (same order, same augmentation) but trains none.
+        return itertools.islice(loader.with_epoch(self.steps_per_epoch(epoch)), start, None)
 
     def val_batches(self) -> Iterator[Batch]:
-        return iter(self._loader(self._pipeline(self.val_shards, self.val_tf, shuffle=0, partial=True)))
+        return iter(self._loader(self._pipeline(self.val_shards, self.val_tf, None, partial=True)))
 
 
 class TensorData:
@@ -163,14 +178,15 @@ class TensorData:
             images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True)
         return (images - self.mean) / self.std
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-        order = torch.randperm(len(self.train_y), generator=generator)[self.rank :: self.world]
-        for step in range(self.steps_per_epoch(epoch)):
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        order = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+        order = order[self.rank :: self.world]
+        for step in range(start, self.steps_per_epoch(epoch)):
             index = order[step * self.batch_size : (step + 1) * self.batch_size]
             images = self._float(self.train_x[index])
-            if self.augment:
-                images = random_crop_flip(images, self.size // 8, generator)
+            if self.augment:  # seeded per step: a resumed epoch augments its remaining batches as the first pass did
+                step_seed = epoch_seed(self.seed, epoch, self.rank) * 100_000 + step
+                images = random_crop_flip(images, self.size // 8, torch.Generator().manual_seed(step_seed))
             yield images, self.train_y[index]
 
     def val_batches(self) -> Iterator[Batch]:
@@ -228,16 +244,22 @@ class FolderData:
         self.val = Subset(val, range(rank, len(val), world))  # each held-out image on exactly one rank
         self.num_classes = len(self.train.classes)
         self.sampler = DistributedSampler(self.train, world, rank, shuffle=True, seed=seed, drop_last=True)
-        self.batch_size, self.workers = batch_size, loader_workers
+        self.batch_size, self.workers, self.seed, self.rank = batch_size, loader_workers, seed, rank
 
     def steps_per_epoch(self, epoch: int) -> int:
         return len(self.sampler) // self.batch_size
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch)
-        return iter(
-            DataLoader(self.train, self.batch_size, sampler=self.sampler, num_workers=self.workers, drop_last=True)
+        loader = DataLoader(
+            self.train,
+            self.batch_size,
+            sampler=self.sampler,
+            num_workers=self.workers,
+            drop_last=True,
+            generator=loader_generator(self.seed, epoch, self.rank),
         )
+        return itertools.islice(loader, start, None)  # as for shards: a resumed epoch replays its first batches
 
     def val_batches(self) -> Iterator[Batch]:
         return iter(DataLoader(self.val, self.batch_size, num_workers=self.workers))

@@ -1,0 +1,59 @@
+"""What MLflow knows about each stage of a job, for `kdpipe status`: found by the same fingerprints `kdpipe run`
+uses, so a stage shown `done` is exactly one a rerun would reuse."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pipeline.data import data_identity
+from pipeline.plan import Plan
+from pipeline.tracking import TAG_CHECKPOINT, Tracker
+
+RUN_STATES = {"FINISHED": "done", "RUNNING": "running"}  # FAILED and KILLED runs show as failed
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    name: str
+    method: str
+    state: str  # pending | running | done | reused | failed
+    run_id: str = ""
+    epochs: str = ""  # "done/planned"
+    step: int = 0  # the global step of the stage's latest checkpoint
+    best_top1: float | None = None
+    seconds: float | None = None
+
+
+def job_status(plan: Plan, tracker: Tracker, experiment_id: str) -> list[StageStatus]:
+    identity = data_identity(plan.job.data)
+    prints = plan.fingerprints(identity) if identity else {}
+    job_run = tracker.latest_job_run(experiment_id, plan.job.name)
+    tags = job_run.data.tags if job_run else {}
+    rows = []
+    for name in plan.order:
+        spec = plan.stages[name].spec
+        run = tracker.latest_stage_run(experiment_id, prints[name]) if prints else None
+        if run is None:
+            rows.append(StageStatus(name, spec.method, "pending"))
+            continue
+        run_id = run.info.run_id
+        state = RUN_STATES.get(run.info.status, "failed")
+        if state == "done" and tags.get(f"kdpipe.reused.{name}") == run_id:
+            state = "reused"  # the latest `kdpipe run` of this job took it from an earlier one
+        history = tracker.client.get_metric_history(run_id, "val/top1")
+        checkpoint = run.data.tags.get(TAG_CHECKPOINT, "step-0")
+        ended = run.info.end_time or time.time() * 1000
+        rows.append(
+            StageStatus(
+                name,
+                spec.method,
+                state,
+                run_id,
+                f"{len({m.step for m in history})}/{spec.epochs}",  # an epoch redone after a restart counts once
+                int(checkpoint.split("-")[-1]),
+                max((m.value for m in history), default=None),
+                (ended - run.info.start_time) / 1000,
+            )
+        )
+    return rows
