@@ -74,7 +74,8 @@ def read_position(folder: Path) -> Position:
 def read_state(folder: Path, module: nn.Module, optimizer, rank: int, device: torch.device) -> Position:
     """Load a checkpoint written by the same number of ranks into a freshly built engine."""
     module.load_state_dict(load_file(str(folder / MODEL), device=str(device)))
-    state = torch.load(folder / rank_file(rank), map_location=device, weights_only=True)
+    path = folder / rank_file(rank)
+    state = torch.load(path, map_location=device, weights_only=True)
     base_optimizer(optimizer).load_state_dict(state["optimizer"])
     if hasattr(optimizer, "refresh_fp32_params"):  # mixed-precision master weights from the loaded model...
         optimizer.refresh_fp32_params()

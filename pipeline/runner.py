@@ -19,6 +19,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.data import prepare_data
+from pipeline.data.loaders import first_epoch_steps
 from pipeline.plan import Plan
 from pipeline.progress import open_board
 from pipeline.spec import CheckpointSpec, WorkersSpec
@@ -39,8 +40,7 @@ class StageOutcome:
     seconds: float = 0.0
     metrics: dict = field(default_factory=dict)
     error: str = ""
-    resume: str | None = None  # set when an interrupted run of this stage is continued: its latest MLflow checkpoint
-    resumed: bool = False
+    resumed: bool = False  # an interrupted run of this stage is continued in place
 
     @property
     def finished(self) -> bool:
@@ -134,6 +134,14 @@ def run_job(
     def start(name: str, pool: ThreadPoolExecutor) -> None:
         stage = plan.stages[name]
         outcome = outcomes[name]
+        workers = stage.spec.workers.count
+        if first_epoch_steps(data, job.data, job.seed, workers) == 0:
+            outcome.status = "failed"
+            outcome.error = (
+                f"data: the training split gives no full batch of {job.data.batch_size} per worker with "
+                f"{workers} workers; lower data.batch_size or the stage's workers.count"
+            )
+            return
         teacher_runs = {t: outcomes[t].run_id for t in stage.spec.teachers}
         try:
             if outcome.resumed:
@@ -155,7 +163,6 @@ def run_job(
             outcome.run_id,
             job.seed,
             job.checkpoint,
-            outcome.resume,
         )
         outcome.status, outcome.seconds = "running", time.perf_counter()
         cpus, gpus = worker_demand(stage.spec.workers)
@@ -221,9 +228,8 @@ def find_earlier_run(
     if interrupted is None:
         return
     run_id = interrupted.info.run_id
-    stored = tracker.checkpoints(run_id)
-    if stored or (storage / ray_run_name(job, outcome.name, run_id)).is_dir():
-        outcome.run_id, outcome.resumed, outcome.resume = run_id, True, (stored[-1] if stored else None)
+    if tracker.checkpoints(run_id) or (storage / ray_run_name(job, outcome.name, run_id)).is_dir():
+        outcome.run_id, outcome.resumed = run_id, True
 
 
 def one_line(err: BaseException) -> str:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.checkpoint import Position, read_state, write_state
+from pipeline.checkpoint import Position, read_position, read_state, write_state
 from pipeline.data import PreparedData
 from pipeline.data.loaders import open_data
 from pipeline.methods import METHODS
@@ -59,7 +59,6 @@ class StageTask:
     run_id: str
     seed: int
     checkpoint: CheckpointSpec
-    resume: str | None = None  # the MLflow checkpoint to start from when Ray Train has none of its own
 
 
 def lr_factor(schedule: ScheduleSpec, epoch: float, epochs: int) -> float:
@@ -153,18 +152,28 @@ class CheckpointClock:
 
 
 def restore(task: StageTask, tracker: Tracker, module: nn.Module, optimizer, rank: int, device) -> Position:
-    """Where training starts: Ray Train's latest checkpoint of this run (a worker restart, or a rerun on the same
-    storage), else the MLflow checkpoint the driver chose (a rerun anywhere), else the beginning."""
+    """Where training starts: the newer of Ray Train's latest checkpoint of this run (a worker restart, or a rerun
+    on the same storage) and the newest complete checkpoint in the stage's MLflow run (a rerun anywhere; or a
+    restart whose last report Ray Train had not yet registered), else the beginning. Rank 0 chooses for all."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            position = read_state(Path(folder), module, optimizer, rank, device)
-        source = "Ray Train checkpoint"
-    elif task.resume:
-        folder = tracker.download_checkpoint(task.run_id, task.resume, rank)
+    choice: list = [None]
+    if rank == 0:
+        local = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                local = read_position(Path(folder))
+        stored = tracker.checkpoints(task.run_id)
+        choice = [stored[-1] if stored and (local is None or stored[-1] > local.name) else None]
+    dist.broadcast_object_list(choice, 0)
+    if choice[0] is not None:
+        folder = tracker.download_checkpoint(task.run_id, choice[0], rank)
         position = read_state(folder, module, optimizer, rank, device)
         shutil.rmtree(folder)
         source = "MLflow artifact"
+    elif checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            position = read_state(Path(folder), module, optimizer, rank, device)
+        source = "Ray Train checkpoint"
     else:
         return Position(0, 0, 0)
     if rank == 0:
@@ -200,11 +209,6 @@ def stage_loop(config: dict) -> None:
     tracker = Tracker(task.tracking_uri)
 
     data = open_data(task.data, task.reading, task.seed, rank, world)
-    if data.steps_per_epoch(0) == 0:
-        raise ValueError(
-            f"data: the training split gives no full batch of {task.reading.batch_size} per worker "
-            f"with {world} workers; lower data.batch_size or the worker count"
-        )
     method_cls = METHODS[stage.method]
     student = build_model(stage.model, data.num_classes)
     teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]

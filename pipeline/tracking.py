@@ -185,7 +185,9 @@ class Tracker:
         ]
         if stale:
             with naming_uri(self.uri):
-                repository = get_artifact_repository(self.client.get_run(run_id).info.artifact_uri)
+                artifact_uri = self.client.get_run(run_id).info.artifact_uri
+                # Name the tracking URI: an `mlflow-artifacts:` location is resolved against it, not the global one.
+                repository = get_artifact_repository(artifact_uri, tracking_uri=self.uri)
                 for path in stale:
                     repository.delete_artifacts(path)
 

@@ -22,6 +22,36 @@ def ray_local():
     ray.shutdown()
 
 
+# A teacher -> assistant -> student chain on small synthetic data; the assistant runs ZeRO-2 (its optimizer state
+# is partitioned over the 2 ranks), which makes it the stage whose interruption and resumption matter most.
+CHAIN = [
+    {"name": "teacher", "model": "resnet8", "epochs": 3, "optimizer": {"lr": 0.05}},
+    {
+        "name": "assistant",
+        "model": "resnet8",
+        "teachers": ["teacher"],
+        "method": "kd",
+        "epochs": 3,
+        "deepspeed": {"zero_stage": 2},
+    },
+    {"name": "student", "model": "resnet8", "teachers": ["assistant"], "method": "kd", "epochs": 1},
+]
+CHAIN_DATA = {"train_size": 512, "val_size": 128}
+CHAIN_STEPS_PER_EPOCH = 512 // 2 // 32  # train_size / workers / batch_size
+
+
+@pytest.fixture(scope="session")
+def finished_chain(ray_local, tmp_path_factory):
+    """The chain, run once without interruption: what test_pipeline checks, and the reference a resumed run of
+    the same job (test_resume) must match."""
+    from pipeline.plan import load_plan
+    from pipeline.runner import run_job
+
+    root = tmp_path_factory.mktemp("chain")
+    plan = load_plan(write_job(root / "job.yaml", tiny_job(root, CHAIN, **CHAIN_DATA)))
+    return root, plan, run_job(plan)
+
+
 def tiny_job(root: Path, stages: list[dict], **data) -> dict:
     """A job on a small synthetic set whose stores all live under `root`."""
     return {

@@ -5,46 +5,23 @@ from __future__ import annotations
 import time
 
 import mlflow
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline.models import build_model, load_weights
-from pipeline.plan import load_plan
 from pipeline.runner import run_job
 from pipeline.tracking import Tracker
-from tests.conftest import tiny_job, write_job
-
-STAGES = [
-    {"name": "teacher", "model": "resnet8", "epochs": 3, "optimizer": {"lr": 0.05}},
-    {"name": "assistant", "model": "resnet8", "teachers": ["teacher"], "method": "kd", "epochs": 2},
-    {
-        "name": "student",
-        "model": "resnet8",
-        "teachers": ["assistant"],
-        "method": "kd",
-        "epochs": 2,
-        "deepspeed": {"zero_stage": 2},
-    },
-]
+from tests.conftest import CHAIN_STEPS_PER_EPOCH, tiny_job, write_job
 
 
-@pytest.fixture(scope="module")
-def finished_job(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dag")
-    plan = load_plan(write_job(root / "job.yaml", tiny_job(root, STAGES, train_size=1024)))
-    outcomes = run_job(plan)
-    return root, plan, outcomes
-
-
-def test_every_stage_trains_and_learns(finished_job):
-    _, _, outcomes = finished_job
+def test_every_stage_trains_and_learns(finished_chain):
+    _, _, outcomes = finished_chain
     assert [o.status for o in outcomes.values()] == ["done"] * 3, [o.error for o in outcomes.values()]
     assert outcomes["teacher"].metrics["val/top1"] > 0.2  # 10 classes: twice chance
 
 
-def test_mlflow_records_parent_and_nested_stage_runs(finished_job):
-    root, plan, outcomes = finished_job
+def test_mlflow_records_parent_and_nested_stage_runs(finished_chain):
+    root, plan, outcomes = finished_chain
     uri = f"sqlite:///{root}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["tests"])  # one row per run
@@ -67,9 +44,9 @@ def test_mlflow_records_parent_and_nested_stage_runs(finished_job):
     assert stages[stages["tags.kdpipe.stage"] == "student"].iloc[0]["params.params.temperature"] == "4.0"
 
 
-def test_student_loaded_its_teachers_trained_weights(finished_job):
+def test_student_loaded_its_teachers_trained_weights(finished_chain):
     """The teacher logits the student stage computed match the assistant stage's saved model on a fixed batch."""
-    root, _, outcomes = finished_job
+    root, _, outcomes = finished_chain
     tracker = Tracker(f"sqlite:///{root}/mlflow.db")
     student_run = tracker.client.get_run(outcomes["student"].run_id)
     assert student_run.data.tags["kdpipe.teacher.assistant"] == outcomes["assistant"].run_id
@@ -84,9 +61,9 @@ def test_student_loaded_its_teachers_trained_weights(finished_job):
     assert not torch.allclose(probe["assistant"], untrained, atol=1e-2)
 
 
-def test_a_second_run_reuses_every_stage(finished_job):
+def test_a_second_run_reuses_every_stage(finished_chain):
     """Issue 5, point 1: nothing is trained again, the same MLflow runs are reused, in a fraction of the time."""
-    root, plan, first = finished_job
+    root, plan, first = finished_chain
     started = time.perf_counter()
     second = run_job(plan)
     seconds = time.perf_counter() - started
@@ -99,8 +76,8 @@ def test_a_second_run_reuses_every_stage(finished_job):
 
 
 def test_a_failed_stage_skips_its_students_and_exits_1(ray_local, tmp_path, capsys):
-    """A stage that cannot run (each of its 2 workers would get 32 of 64 images, less than a batch) fails with
-    its reason in one line; its student is skipped, not run; the MLflow run is FAILED and the CLI exits 1."""
+    """A stage that cannot run (each of its 2 workers would get 32 of 64 images, less than a batch) fails before
+    any worker starts, with its reason in one line; its student is skipped; the job run is FAILED; exit 1."""
     from pipeline.cli import main
 
     stages = [
@@ -114,5 +91,52 @@ def test_a_failed_stage_skips_its_students_and_exits_1(ray_local, tmp_path, caps
     assert "student: a teacher stage did not finish" in captured.err
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["tests"])
-    assert sorted(runs["status"]) == ["FAILED", "FAILED"]  # the job run and the teacher run
-    assert set(runs["tags.kdpipe.kind"]) == {"job", "stage"}  # no run was made for the skipped student
+    assert list(runs["status"]) == ["FAILED"] and list(runs["tags.kdpipe.kind"]) == ["job"]  # no stage ran
+
+
+def latest_stage_runs(tracker: Tracker) -> dict[str, str]:
+    latest: dict[str, str] = {}
+    for run in tracker.client.search_runs(
+        [tracker.experiment_id("tests")], "tags.`kdpipe.kind` = 'stage'", order_by=["attributes.start_time DESC"]
+    ):
+        latest.setdefault(run.data.tags["kdpipe.stage"], run.info.run_id)
+    return latest
+
+
+def test_force_retrains_the_stage_and_downstream_in_new_runs(finished_chain):
+    """`--force student` retrains only the student, in a new run; the old run and its weights stay."""
+    root, plan, first = finished_chain
+    tracker = Tracker(f"sqlite:///{root}/mlflow.db")
+    outcomes = run_job(plan, force=("student",))
+    assert {n: o.status for n, o in outcomes.items()} == {"teacher": "reused", "assistant": "reused", "student": "done"}
+    assert outcomes["assistant"].run_id == first["assistant"].run_id
+    old = first["student"].run_id
+    assert outcomes["student"].run_id != old and tracker.client.get_run(old).info.status == "FINISHED"
+    assert {a.path for a in tracker.client.list_artifacts(old, "weights")} == {
+        "weights/model.safetensors",
+        "weights/model.json",
+    }
+
+
+def test_status_table_shows_each_stage(finished_chain, capsys):
+    """`kdpipe status`, by job file and by job run id: state, epochs, checkpoint step and run id per stage."""
+    from pipeline.cli import main
+
+    root, plan, first = finished_chain
+    tracker = Tracker(f"sqlite:///{root}/mlflow.db")
+    job_file = root / "job.yaml"
+    assert main(["status", str(job_file)]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
+    latest = latest_stage_runs(tracker)
+    assert set(rows) == {"teacher", "assistant", "student"}
+    for stage, state in {"teacher": "reused", "assistant": "reused", "student": "done"}.items():
+        assert f" {state} " in rows[stage] and latest[stage] in rows[stage], rows[stage]
+    epochs = plan.stages["assistant"].spec.epochs
+    assert f" {epochs}/{epochs} " in rows["assistant"]
+    assert f" {epochs * CHAIN_STEPS_PER_EPOCH} " in rows["assistant"]  # the global step of its last checkpoint
+    job_run = tracker.latest_job_run(tracker.experiment_id("tests"), "tiny").info.run_id
+    assert main(["status", job_run, "--tracking-uri", tracker.uri]) == 0
+    assert latest["student"] in capsys.readouterr().out
+    assert main(["status", "no-such-run", "--tracking-uri", tracker.uri]) == 2
+    assert main(["run", str(job_file), "--force", "nope"]) == 2
+    assert "--force: no stage 'nope'" in capsys.readouterr().err

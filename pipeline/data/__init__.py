@@ -43,6 +43,7 @@ class PreparedData:
     num_classes: int
     normalization: str
     identity: str  # content identity: changes when the data changes, not when it moves
+    train_count: int  # training samples
 
 
 def prepare_data(spec: DataSpec) -> PreparedData:
@@ -51,14 +52,21 @@ def prepare_data(spec: DataSpec) -> PreparedData:
     size = spec.image_size
     if spec.source == "synthetic":
         folder = synthesize(spec)
-        return PreparedData("shards", folder, size, spec.classes, "synthetic", manifest_id(folder))
+        count = read_manifest(folder)["splits"]["train"]["count"]
+        return PreparedData("shards", folder, size, spec.classes, "synthetic", manifest_id(folder), count)
     path = Path(spec.path).resolve()
     if spec.source == "shards":
         if not (path / "manifest.json").is_file():
             raise UserError(f"data.path: '{spec.path}' has no manifest.json (expected a folder of shards)")
         manifest = read_manifest(path)
         return PreparedData(
-            "shards", path, size, len(manifest["classes"]), manifest.get("normalization", "imagenet"), manifest_id(path)
+            "shards",
+            path,
+            size,
+            len(manifest["classes"]),
+            manifest.get("normalization", "imagenet"),
+            manifest_id(path),
+            manifest["splits"]["train"]["count"],
         )
     if spec.source == "imagefolder":
         counts = {
@@ -69,13 +77,17 @@ def prepare_data(spec: DataSpec) -> PreparedData:
         if set(counts) != {"train", "val"}:
             raise UserError(f"data.path: '{spec.path}' needs train/ and val/ class folders (ImageNet layout)")
         identity = hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()
-        return PreparedData("imagefolder", path, size, len(counts["train"]), "imagenet", identity)
-    if spec.source == "cifar":
-        return PreparedData("cifar", path, size, spec.classes, f"cifar{spec.classes}", f"cifar{spec.classes}")
+        count = sum(counts["train"].values())
+        return PreparedData("imagefolder", path, size, len(counts["train"]), "imagenet", identity, count)
+    if spec.source == "cifar":  # torchvision's CIFAR format: always the full 50,000 training images
+        return PreparedData("cifar", path, size, spec.classes, f"cifar{spec.classes}", f"cifar{spec.classes}", 50_000)
     identity = hashlib.sha256()
     for name in FASHION_MNIST_FILES:
         identity.update(fashion_mnist_file(path, name).read_bytes())
-    return PreparedData("fashion-mnist", path, size, 10, "fashion-mnist", identity.hexdigest())
+    labels = fashion_mnist_file(path, FASHION_MNIST_FILES[1])
+    with (gzip.open if labels.suffix == ".gz" else open)(labels, "rb") as f:
+        count = int.from_bytes(f.read(8)[4:], "big")  # IDX header: magic number, then the item count
+    return PreparedData("fashion-mnist", path, size, 10, "fashion-mnist", identity.hexdigest(), count)
 
 
 def data_identity(spec: DataSpec) -> str | None:

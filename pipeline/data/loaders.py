@@ -54,6 +54,14 @@ def open_data(prepared: PreparedData, spec: DataSpec, seed: int, rank: int, worl
     return TensorData(prepared, batch, seed, rank, world, augment)
 
 
+def first_epoch_steps(prepared: PreparedData, spec: DataSpec, seed: int, world: int) -> int:
+    """Steps every rank takes in epoch 0, worked out without reading an image: the driver checks a stage can
+    train at all before it launches workers (a Ray Train restart would only fail again)."""
+    if prepared.kind == "shards":
+        return ShardData(prepared, spec.batch_size, spec.loader_workers, seed, 0, world, False).steps_per_epoch(0)
+    return prepared.train_count // world // spec.batch_size  # TensorData and FolderData deal samples out evenly
+
+
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """The seed of one epoch's shuffle (rank 0: the shard order all ranks share) or of one rank's sample order and
     augmentation; different for every (job seed, epoch, rank)."""
