@@ -76,8 +76,8 @@ def ray_run_name(job: str, stage: str, run_id: str) -> str:
     return f"{job}-{stage}-{run_id}"
 
 
-def launch_stage(task: StageTask, workers: WorkersSpec, storage: Path, checkpointing: CheckpointSpec) -> dict:
-    """One stage as one Ray Train run; returns the metrics of its last report."""
+def launch_stage(task: StageTask, workers: WorkersSpec, storage: Path, checkpointing: CheckpointSpec) -> None:
+    """One stage as one Ray Train run; raises if it failed."""
     use_gpu = workers.gpus > 0
     trainer = TorchTrainer(
         stage_loop,
@@ -96,7 +96,7 @@ def launch_stage(task: StageTask, workers: WorkersSpec, storage: Path, checkpoin
             failure_config=FailureConfig(max_failures=checkpointing.max_restarts),
         ),
     )
-    return trainer.fit().metrics or {}
+    trainer.fit()
 
 
 def run_job(
@@ -178,12 +178,13 @@ def run_job(
         free[0] += cpus
         free[1] += gpus
         try:
-            outcome.metrics = future.result()
+            future.result()
             outcome.status = "done"
         except Exception as err:  # a failed stage fails its descendants, never its siblings
             outcome.status, outcome.error = "failed", one_line(err)
         try:
             tracker.finish(outcome.run_id, "FINISHED" if outcome.status == "done" else "FAILED")
+            outcome.metrics = tracker.latest_metrics(outcome.run_id)  # all epochs' metrics, resumed or not
         except TrackingError as err:  # the run stays RUNNING in MLflow; a rerun resumes it
             outcome.status, outcome.error = "failed", outcome.error or str(err)
 

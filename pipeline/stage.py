@@ -244,7 +244,7 @@ def stage_loop(config: dict) -> None:
             if rank == 0 and step % 10 == 0:
                 report_progress(
                     task.job,
-                    task.config["name"],
+                    stage.name,
                     epoch=epoch,
                     epochs=stage.epochs,
                     step=step,
@@ -267,15 +267,9 @@ def stage_loop(config: dict) -> None:
         save_checkpoint(task, tracker, engine.module, optimizer, position, rank, {"epoch": epoch, **metrics})
         clock.saved(global_step)
         if rank == 0:
-            finish_epoch(task, tracker, engine.module.student, stage, epoch, metrics["val/top1"], data.num_classes)
-
-
-def finish_epoch(
-    task: StageTask, tracker: Tracker, student: nn.Module, stage: StageSpec, epoch: int, top1: float, classes: int
-) -> None:
-    """Rank 0: after the last epoch the student's weights become the stage's artifact; the board hears progress."""
-    if epoch == stage.epochs - 1:
+            top1 = metrics["val/top1"]
+            report_progress(task.job, stage.name, epoch=epoch + 1, epochs=stage.epochs, step=0, steps=1, top1=top1)
+    if rank == 0:  # after the loop: a stage resumed from its very last checkpoint still stores its weights
         with tempfile.TemporaryDirectory() as folder:
-            save_weights(student, stage.model, classes, Path(folder))
+            save_weights(engine.module.student, stage.model, data.num_classes, Path(folder))
             tracker.log_weights(task.run_id, Path(folder))
-    report_progress(task.job, task.config["name"], epoch=epoch + 1, epochs=stage.epochs, step=0, steps=1, top1=top1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ WEIGHTS_DIR, CHECKPOINTS_DIR = "weights", "checkpoints"
 TAG_KIND, TAG_JOB, TAG_STAGE, TAG_FINGERPRINT = "kdpipe.kind", "kdpipe.job", "kdpipe.stage", "kdpipe.fingerprint"
 TAG_TEACHER = "kdpipe.teacher"  # kdpipe.teacher.<stage> = the MLflow run whose weights this stage learned from
 TAG_CHECKPOINT, TAG_RESUMED = "kdpipe.checkpoint", "kdpipe.resumed_from"
+
+# kdpipe prints its own table of run ids; MLflow's per-run "View run at" lines would break into the progress bars.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class TrackingError(Exception):
@@ -197,6 +201,9 @@ class Tracker:
         for file in (POSITION, MODEL, rank_file(rank)):  # a file artifact downloads to target/<its name>
             self.client.download_artifacts(run_id, f"{CHECKPOINTS_DIR}/{name}/{file}", target)
         return Path(target)
+
+    def latest_metrics(self, run_id: str) -> dict[str, float]:
+        return dict(self.client.get_run(run_id).data.metrics)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
