@@ -222,6 +222,7 @@ def test_mlflow_server_outage_fails_in_one_line_and_a_rerun_resumes(ray_local, t
     errors = err.decode().strip().splitlines()
     assert errors[-1].startswith("solo: ") and f"MLflow tracking at {uri} failed" in errors[-1], errors[-5:]
     assert "Traceback" not in err.decode()
+    print(f"\nthe driver's last line: {errors[-1]}")
     local = sorted((tmp_path / "out" / "ray").glob("*/checkpoint_*/position.json"))
     assert local, "Ray Train's checkpoint should stay on disk"
 
