@@ -70,13 +70,35 @@ def build_parser() -> argparse.ArgumentParser:
         "method names, method parameters and data paths. Prints the stage order; nothing is trained.",
     )
     validate.add_argument("job", type=Path, help="the job file (YAML)")
+
+    data = commands.add_parser(
+        "data", help="write and check WebDataset shards", description="Write and check WebDataset shards."
+    )
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    shard = data_commands.add_parser(
+        "shard",
+        help="convert an ImageFolder tree into tar shards and a manifest",
+        description="Write SRC/train and SRC/val (class folders of images, the ImageNet layout) as "
+        "OUT/{train,val}-NNNNNN.tar shards in a fixed shuffled order, image bytes as they are, plus "
+        "OUT/manifest.json (classes, and per shard: samples, bytes, sha256).",
+    )
+    shard.add_argument("src", type=Path, help="the ImageFolder root, with train/ and val/")
+    shard.add_argument("out", type=Path, help="the folder for shards and manifest")
+    shard.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    verify = data_commands.add_parser(
+        "verify",
+        help="check every shard against its manifest",
+        description="Check each shard listed in OUT/manifest.json: present, a readable tar, every image "
+        "decodes, its sample count and sha256 as the manifest says. Prints one line per bad shard; exit 2 if any.",
+    )
+    verify.add_argument("out", type=Path, help="a folder written by 'kdpipe data shard'")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"validate": cmd_validate, "run": cmd_run, "status": cmd_status}
+        commands = {"validate": cmd_validate, "run": cmd_run, "status": cmd_status, "data": cmd_data}
         return commands[args.command](args)
     except UserError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
@@ -167,6 +189,30 @@ def outcome_table(job: str, outcomes: dict) -> Table:
             o.run_id or "-",
         )
     return table
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import MANIFEST, read_manifest, shard_image_folder, verify_shards
+
+    if args.data_command == "shard":
+        for split in ("train", "val"):
+            if not (args.src / split).is_dir():
+                raise UserError(f"{args.src}: expected a '{split}' folder of class folders (ImageNet layout)")
+        if args.shard_size < 1:
+            raise UserError(f"--shard-size: expected a positive number of samples, got {args.shard_size}")
+        manifest = shard_image_folder(args.src, args.out, args.shard_size)
+        splits = manifest["splits"].items()
+        counts = ", ".join(f"{name} {split['count']} in {len(split['shards'])}" for name, split in splits)
+        console.print(f"{args.out}: {counts} shards; {len(manifest['classes'])} classes", highlight=False)
+        return 0
+    problems = verify_shards(args.out)
+    if problems:
+        raise UserError("\n".join(problems))
+    splits = read_manifest(args.out)["splits"]
+    shards = sum(len(split["shards"]) for split in splits.values())
+    samples = sum(split["count"] for split in splits.values())
+    console.print(f"{args.out}: ok, {shards} shards, {samples} samples match {MANIFEST}", highlight=False)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

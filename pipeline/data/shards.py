@@ -8,12 +8,14 @@ the class names in index order. Its own hash is the data's identity for stage fi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import tarfile
 from pathlib import Path
 
 import webdataset as wds
+from PIL import Image
 from rich.progress import track
 
 MANIFEST = "manifest.json"
@@ -76,3 +78,44 @@ def read_manifest(folder: Path) -> dict:
 
 def manifest_id(folder: Path) -> str:
     return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+
+
+def verify_shards(folder: Path) -> list[str]:
+    """Every problem with a shard folder, one line each naming the file: a missing or unreadable manifest, a
+    missing shard, a hash or sample-count mismatch, a truncated tar, an image that does not decode."""
+    try:
+        manifest = read_manifest(folder)
+        splits = manifest["splits"]
+    except (OSError, ValueError, KeyError) as err:
+        return [f"{folder / MANIFEST}: not a readable shard manifest ({type(err).__name__}: {err})"]
+    problems = []
+    for split in splits.values():
+        for shard in track(split["shards"], description="verifying shards", transient=True):
+            path = folder / shard["name"]
+            problem = shard_problem(path, shard)
+            if problem:
+                problems.append(f"{path}: {problem}")
+    return problems
+
+
+def shard_problem(path: Path, expected: dict) -> str | None:
+    """The most telling problem first: missing, truncated, unreadable, then counts, then the hash."""
+    if not path.is_file():
+        return "missing (listed in the manifest)"
+    if path.stat().st_size < expected["bytes"]:
+        return f"truncated: {path.stat().st_size} bytes, manifest says {expected['bytes']}"
+    try:
+        with tarfile.open(path) as tar:
+            keys = set()
+            for member in tar:
+                keys.add(member.name.split(".", 1)[0])
+                if member.name.endswith((".jpg", ".jpeg", ".png")):
+                    with Image.open(io.BytesIO(tar.extractfile(member).read())) as image:
+                        image.load()
+    except (tarfile.TarError, OSError) as err:  # PIL raises OSError subclasses for bad image data
+        return f"unreadable ({type(err).__name__}: {err})"
+    if len(keys) != expected["count"]:
+        return f"{len(keys)} samples, manifest says {expected['count']}"
+    if sha256_file(path) != expected["sha256"]:
+        return f"sha256 differs from the manifest ({path.stat().st_size} bytes, manifest says {expected['bytes']})"
+    return None
