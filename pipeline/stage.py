@@ -9,6 +9,7 @@ A speed or checkpoint fix made here holds for every method.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
@@ -156,26 +157,23 @@ def restore(task: StageTask, tracker: Tracker, module: nn.Module, optimizer, ran
     on the same storage) and the newest complete checkpoint in the stage's MLflow run (a rerun anywhere; or a
     restart whose last report Ray Train had not yet registered), else the beginning. Rank 0 chooses for all."""
     checkpoint = ray.train.get_checkpoint()
-    choice: list = [None]
-    if rank == 0:
-        local = None
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                local = read_position(Path(folder))
-        stored = tracker.checkpoints(task.run_id)
-        choice = [stored[-1] if stored and (local is None or stored[-1] > local.name) else None]
-    dist.broadcast_object_list(choice, 0)
-    if choice[0] is not None:
-        folder = tracker.download_checkpoint(task.run_id, choice[0], rank)
-        position = read_state(folder, module, optimizer, rank, device)
-        shutil.rmtree(folder)
-        source = "MLflow artifact"
-    elif checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            position = read_state(Path(folder), module, optimizer, rank, device)
-        source = "Ray Train checkpoint"
-    else:
-        return Position(0, 0, 0)
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as local:
+        choice: list = [None]
+        if rank == 0:
+            stored = tracker.checkpoints(task.run_id)
+            newest_local = read_position(Path(local)).name if local else ""
+            choice = [stored[-1] if stored and stored[-1] > newest_local else None]
+        dist.broadcast_object_list(choice, 0)
+        if choice[0] is not None:
+            folder = tracker.download_checkpoint(task.run_id, choice[0], rank)
+            position = read_state(folder, module, optimizer, rank, device)
+            shutil.rmtree(folder)
+            source = "MLflow artifact"
+        elif local:
+            position = read_state(Path(local), module, optimizer, rank, device)
+            source = "Ray Train checkpoint"
+        else:
+            return Position(0, 0, 0)
     if rank == 0:
         tracker.set_tags(task.run_id, {TAG_RESUMED: f"{position.name} ({source})"})
     return position

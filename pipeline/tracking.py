@@ -141,27 +141,17 @@ class Tracker:
 
     def find_interrupted_stage(self, experiment_id: str, fingerprint: str) -> Run | None:
         """The newest run of this fingerprint that never finished (its driver or workers died, or it failed)."""
-        runs = self.client.search_runs(
-            [experiment_id],
-            f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and attributes.status != 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        return runs[0] if runs else None
+        unfinished = f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and attributes.status != 'FINISHED'"
+        return self._newest(experiment_id, unfinished)
 
     def latest_stage_run(self, experiment_id: str, fingerprint: str) -> Run | None:
-        runs = self.client.search_runs(
-            [experiment_id], f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}'", order_by=["attributes.start_time DESC"]
-        )
-        return runs[0] if runs else None
+        return self._newest(experiment_id, f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}'")
 
     def latest_job_run(self, experiment_id: str, job: str) -> Run | None:
-        runs = self.client.search_runs(
-            [experiment_id],
-            f"tags.`{TAG_KIND}` = 'job' and tags.`{TAG_JOB}` = '{job}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
+        return self._newest(experiment_id, f"tags.`{TAG_KIND}` = 'job' and tags.`{TAG_JOB}` = '{job}'")
+
+    def _newest(self, experiment_id: str, which: str) -> Run | None:
+        runs = self.client.search_runs([experiment_id], which, order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0] if runs else None
 
     def reopen(self, run_id: str, parent_id: str, stage: str) -> None:

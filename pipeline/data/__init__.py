@@ -27,6 +27,8 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "synthetic": ((0.5,) * 3, (0.25,) * 3),
 }
 
+SYNTHETIC_SHARDS = "shards"  # beside the generated "images" under `synthetic_root`
+
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -94,12 +96,13 @@ def data_identity(spec: DataSpec) -> str | None:
     """The data's identity without generating anything: None while synthetic data has not been made yet."""
     from pipeline.data.shards import MANIFEST
 
-    if spec.source == "synthetic" and not (synthetic_root(spec) / "shards" / MANIFEST).is_file():
+    if spec.source == "synthetic" and not (synthetic_root(spec) / SYNTHETIC_SHARDS / MANIFEST).is_file():
         return None
     return prepare_data(spec).identity
 
 
 def synthetic_root(spec: DataSpec) -> Path:
+    """Where one set of generator parameters keeps its images and shards."""
     key = f"c{spec.classes}-s{spec.image_size}-n{spec.train_size}-{spec.val_size}-k{spec.shard_size}-seed{spec.seed}"
     return Path(spec.path or "data/synthetic").resolve() / key
 
@@ -110,13 +113,13 @@ def synthesize(spec: DataSpec) -> Path:
     from pipeline.data.synthetic import write_image_folder
 
     root = synthetic_root(spec)
-    shards = root / "shards"
+    shards = root / SYNTHETIC_SHARDS
     if (shards / MANIFEST).is_file():
         return shards
     # Build in a scratch folder and rename at the end: an interrupted run never leaves half a data set behind.
     scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=root.parent if root.parent.exists() else None))
     write_image_folder(scratch / "images", spec.classes, spec.image_size, spec.train_size, spec.val_size, spec.seed)
-    shard_image_folder(scratch / "images", scratch / "shards", spec.shard_size, normalization="synthetic")
+    shard_image_folder(scratch / "images", scratch / SYNTHETIC_SHARDS, spec.shard_size, normalization="synthetic")
     root.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(scratch, root)

@@ -46,19 +46,15 @@ class StageData(Protocol):
 
 def open_data(prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int) -> StageData:
     """This rank's reader of the prepared data, with the job's batch size, loader workers and augmentation."""
-    batch, workers, augment = spec.batch_size, spec.loader_workers, spec.augment
-    if prepared.kind == "shards":
-        return ShardData(prepared, batch, workers, seed, rank, world, augment)
-    if prepared.kind == "imagefolder":
-        return FolderData(prepared, batch, workers, seed, rank, world, augment)
-    return TensorData(prepared, batch, seed, rank, world, augment)
+    reader = {"shards": ShardData, "imagefolder": FolderData}.get(prepared.kind, TensorData)
+    return reader(prepared, spec, seed, rank, world)
 
 
 def first_epoch_steps(prepared: PreparedData, spec: DataSpec, seed: int, world: int) -> int:
     """Steps every rank takes in epoch 0, worked out without reading an image: the driver checks a stage can
     train at all before it launches workers (a Ray Train restart would only fail again)."""
     if prepared.kind == "shards":
-        return ShardData(prepared, spec.batch_size, spec.loader_workers, seed, 0, world, False).steps_per_epoch(0)
+        return ShardData(prepared, spec, seed, 0, world).steps_per_epoch(0)
     return prepared.train_count // world // spec.batch_size  # TensorData and FolderData deal samples out evenly
 
 
@@ -91,24 +87,15 @@ def image_transforms(size: int, mean: tuple, std: tuple, train: bool) -> v2.Comp
 
 
 class ShardData:
-    def __init__(
-        self,
-        prepared: PreparedData,
-        batch_size: int,
-        loader_workers: int,
-        seed: int,
-        rank: int,
-        world: int,
-        augment: bool,
-    ):
+    def __init__(self, prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int):
         manifest = read_manifest(prepared.path)
         self.num_classes = len(manifest["classes"])
-        self.folder, self.batch_size, self.workers = prepared.path, batch_size, loader_workers
+        self.folder, self.batch_size, self.workers = prepared.path, spec.batch_size, spec.loader_workers
         self.seed, self.rank, self.world = seed, rank, world
         self.train_shards = {s["name"]: s["count"] for s in manifest["splits"]["train"]["shards"]}
         self.val_shards = [s["name"] for s in manifest["splits"]["val"]["shards"]]
         mean, std = NORMALIZATION[prepared.normalization]
-        self.train_tf = image_transforms(prepared.image_size, mean, std, train=augment)
+        self.train_tf = image_transforms(prepared.image_size, mean, std, train=spec.augment)
         self.val_tf = image_transforms(prepared.image_size, mean, std, train=False)
 
     def _epoch_shards(self, epoch: int) -> list[str]:
@@ -165,17 +152,11 @@ class ShardData:
 class TensorData:
     """The whole split as one uint8 N x 3 x H x W tensor: sampling, cropping and flipping are tensor ops."""
 
-    def __init__(self, prepared: PreparedData, batch_size: int, seed: int, rank: int, world: int, augment: bool):
+    def __init__(self, prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int):
         self.train_x, self.train_y, self.val_x, self.val_y, self.num_classes = load_tensors(prepared)
         self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION[prepared.normalization])
-        self.size, self.batch_size, self.seed, self.rank, self.world = (
-            prepared.image_size,
-            batch_size,
-            seed,
-            rank,
-            world,
-        )
-        self.augment = augment
+        self.size, self.batch_size, self.augment = prepared.image_size, spec.batch_size, spec.augment
+        self.seed, self.rank, self.world = seed, rank, world
 
     def steps_per_epoch(self, epoch: int) -> int:
         return len(self.train_y) // self.world // self.batch_size
@@ -233,26 +214,17 @@ def load_tensors(prepared: PreparedData) -> tuple[torch.Tensor, torch.Tensor, to
 class FolderData:
     """ImageNet layout: `path/train/<class>/*.jpg` and `path/val/<class>/*.jpg`."""
 
-    def __init__(
-        self,
-        prepared: PreparedData,
-        batch_size: int,
-        loader_workers: int,
-        seed: int,
-        rank: int,
-        world: int,
-        augment: bool,
-    ):
+    def __init__(self, prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int):
         mean, std = NORMALIZATION[prepared.normalization]
         root = Path(prepared.path)
         self.train = datasets.ImageFolder(
-            str(root / "train"), image_transforms(prepared.image_size, mean, std, augment)
+            str(root / "train"), image_transforms(prepared.image_size, mean, std, spec.augment)
         )
         val = datasets.ImageFolder(str(root / "val"), image_transforms(prepared.image_size, mean, std, False))
         self.val = Subset(val, range(rank, len(val), world))  # each held-out image on exactly one rank
         self.num_classes = len(self.train.classes)
         self.sampler = DistributedSampler(self.train, world, rank, shuffle=True, seed=seed, drop_last=True)
-        self.batch_size, self.workers, self.seed, self.rank = batch_size, loader_workers, seed, rank
+        self.batch_size, self.workers, self.seed, self.rank = spec.batch_size, spec.loader_workers, seed, rank
 
     def steps_per_epoch(self, epoch: int) -> int:
         return len(self.sampler) // self.batch_size

@@ -59,9 +59,14 @@ def describe_shards(paths: list[Path]) -> dict:
     return {"count": sum(s["count"] for s in shards), "shards": shards}
 
 
+def sample_key(member: tarfile.TarInfo) -> str:
+    """WebDataset's grouping: the files of one sample share the name up to the first dot."""
+    return member.name.split(".", 1)[0]
+
+
 def count_samples(path: Path) -> int:
     with tarfile.open(path) as tar:
-        return len({member.name.split(".", 1)[0] for member in tar})
+        return len({sample_key(member) for member in tar})
 
 
 def sha256_file(path: Path) -> str:
@@ -108,7 +113,7 @@ def shard_problem(path: Path, expected: dict) -> str | None:
         with tarfile.open(path) as tar:
             keys = set()
             for member in tar:
-                keys.add(member.name.split(".", 1)[0])
+                keys.add(sample_key(member))
                 if member.name.endswith((".jpg", ".jpeg", ".png")):
                     with Image.open(io.BytesIO(tar.extractfile(member).read())) as image:
                         image.load()
