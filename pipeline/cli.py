@@ -77,14 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     shard = data_commands.add_parser(
         "shard",
-        help="convert an ImageFolder tree into tar shards and a manifest",
-        description="Write SRC/train and SRC/val (class folders of images, the ImageNet layout) as "
-        "OUT/{train,val}-NNNNNN.tar shards in a fixed shuffled order, image bytes as they are, plus "
-        "OUT/manifest.json (classes, and per shard: samples, bytes, sha256).",
+        help="convert an ImageFolder, CIFAR or Fashion-MNIST copy into tar shards and a manifest",
+        description="Write SRC's training and held-out splits as OUT/{train,val}-NNNNNN.tar shards in a fixed "
+        "shuffled order, plus OUT/manifest.json (classes and their indices; per shard: samples, bytes, sha256). "
+        "SRC is an ImageFolder tree (train/ and val/ class folders, the ImageNet layout; JPEG and PNG bytes are "
+        "kept as they are), a torchvision CIFAR-10/100 root, or a folder of Fashion-MNIST IDX files (stored as "
+        "PNG). Shards are written by parallel processes; an interrupted run, started again with the same "
+        "arguments, writes only the shards still missing.",
     )
-    shard.add_argument("src", type=Path, help="the ImageFolder root, with train/ and val/")
-    shard.add_argument("out", type=Path, help="the folder for shards and manifest")
+    shard.add_argument("src", type=Path, help="the data set to convert")
+    shard.add_argument("out", type=Path, help="the folder for shards and manifest (empty, or an interrupted run's)")
     shard.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    shard.add_argument(
+        "--workers", type=int, default=os.cpu_count(), help="processes writing shards (default: one per core)"
+    )
     verify = data_commands.add_parser(
         "verify",
         help="check every shard against its manifest",
@@ -192,15 +198,14 @@ def outcome_table(job: str, outcomes: dict) -> Table:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from pipeline.data.shards import MANIFEST, read_manifest, shard_image_folder, verify_shards
+    from pipeline.data.convert import convert
+    from pipeline.data.shards import MANIFEST, read_manifest, verify_shards
 
     if args.data_command == "shard":
-        for split in ("train", "val"):
-            if not (args.src / split).is_dir():
-                raise UserError(f"{args.src}: expected a '{split}' folder of class folders (ImageNet layout)")
-        if args.shard_size < 1:
-            raise UserError(f"--shard-size: expected a positive number of samples, got {args.shard_size}")
-        manifest = shard_image_folder(args.src, args.out, args.shard_size)
+        for flag, value in (("--shard-size", args.shard_size), ("--workers", args.workers)):
+            if value < 1:
+                raise UserError(f"{flag}: expected a positive number, got {value}")
+        manifest = convert(args.src, args.out, args.shard_size, args.workers)
         splits = manifest["splits"].items()
         counts = ", ".join(f"{name} {split['count']} in {len(split['shards'])}" for name, split in splits)
         console.print(f"{args.out}: {counts} shards; {len(manifest['classes'])} classes", highlight=False)

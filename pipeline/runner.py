@@ -19,7 +19,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.data import prepare_data
-from pipeline.data.loaders import first_epoch_steps
+from pipeline.data.loaders import steps_per_epoch
 from pipeline.plan import Plan
 from pipeline.progress import open_board
 from pipeline.spec import CheckpointSpec, WorkersSpec
@@ -135,7 +135,7 @@ def run_job(
         stage = plan.stages[name]
         outcome = outcomes[name]
         workers = stage.spec.workers.count
-        if first_epoch_steps(data, job.data, job.seed, workers) == 0:
+        if steps_per_epoch(data, job.data, workers) == 0:
             outcome.status = "failed"
             outcome.error = (
                 f"data: the training split gives no full batch of {job.data.batch_size} per worker with "

@@ -41,7 +41,8 @@ class DataSpec(Strict):
         None,
         description="synthetic: where the generated images and shards are written; "
         "imagefolder: a folder with train/ and val/ class folders; cifar: torchvision's CIFAR root; "
-        "fashion-mnist: the folder of IDX .gz files; shards: a folder written by the shard writer",
+        "fashion-mnist: the folder of IDX .gz files; shards: a folder written by 'kdpipe data shard', "
+        "or its URL (https://, gs://, s3://)",
     )
     classes: PositiveInt = Field(10, description="synthetic: number of classes; cifar: 10 or 100")
     image_size: PositiveInt = Field(32, description="side of the square images the models see")
@@ -51,6 +52,11 @@ class DataSpec(Strict):
     batch_size: PositiveInt = Field(64, description="samples per worker per step")
     augment: bool = Field(True, description="random crop and flip for training (off: evaluation transforms)")
     loader_workers: NonNegativeInt = Field(1, description="DataLoader processes per training worker")
+    bad_samples: Literal["fail", "skip"] = Field(
+        "fail",
+        description="shards: a missing or unreadable shard or an undecodable image stops the stage (fail), or is "
+        "skipped and counted in the stage's data/skipped metric (skip)",
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -59,7 +65,21 @@ class DataSpec(Strict):
             raise ValueError(f"data.path is required for source '{self.source}'")
         if self.source == "cifar" and self.classes not in (10, 100):
             raise ValueError("data.classes must be 10 or 100 for source 'cifar'")
+        if self.path and is_url(self.path):
+            if self.path.split(":", 1)[0] not in URL_SCHEMES:
+                # webdataset runs pipe: URLs through a shell; nothing from a job file goes to a shell
+                raise ValueError(f"data.path: expected a folder or a {'/'.join(URL_SCHEMES)} URL, got '{self.path}'")
+            if self.source != "shards":
+                raise ValueError(f"data.path: a URL is only read for source 'shards', not '{self.source}'")
         return self
+
+
+URL_SCHEMES = ("https", "http", "gs", "s3")  # read through curl, gsutil and the aws CLI, given argument lists
+
+
+def is_url(path: str) -> bool:
+    """`pipe:...` counts as a URL too, so that it is refused rather than taken for a relative folder."""
+    return "://" in path or path.startswith("pipe:")
 
 
 class TrackingSpec(Strict):
@@ -159,7 +179,7 @@ def load_job(path: str | Path) -> JobSpec:
 
 
 def check_data_path(data: DataSpec, job_path: Path) -> None:
-    if data.source != "synthetic" and not Path(data.path).exists():
+    if data.source != "synthetic" and not is_url(data.path) and not Path(data.path).exists():
         raise UserError(f"{job_path}: data.path: no such file or folder '{data.path}' (source '{data.source}')")
 
 

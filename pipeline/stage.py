@@ -113,6 +113,12 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: torch.dtype
     return {"val/top1": totals[0].item() / count, f"val/top{k}": totals[1].item() / count}
 
 
+def all_ranks_sum(count: int, device: torch.device) -> int:
+    total = torch.tensor(count, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total)
+
+
 def load_teacher(tracker: Tracker, ref: TeacherRef, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A teacher stage's final weights, frozen and in eval mode (BN running statistics) from the start."""
     return load_weights(tracker.download_weights(ref.run_id)).to(device, dtype).eval().requires_grad_(False)
@@ -257,6 +263,7 @@ def stage_loop(config: dict) -> None:
         engine.eval()
         metrics = {f"train/{name}": float(value) / max(steps, 1) for name, value in sums.items()}
         metrics.update(evaluate(engine.module.student, data.val_batches(), device, dtype, data.num_classes))
+        metrics["data/skipped"] = all_ranks_sum(data.skipped, device)
         end_lr = base_lrs[0] * lr_factor(stage.schedule, epoch + 1, stage.epochs)
         metrics.update({"lr": end_lr, "epoch_seconds": time.perf_counter() - started, "global_step": global_step})
         if rank == 0:

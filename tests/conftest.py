@@ -52,6 +52,22 @@ def finished_chain(ray_local, tmp_path_factory):
     return root, plan, run_job(plan)
 
 
+@pytest.fixture(scope="session")
+def jpeg_shards(tmp_path_factory) -> Path:
+    """2,400 JPEGs in 8 classes sharded by the command line: 7 training shards of 300, 300, ..., 248 (an odd count
+    and an uneven one) and 1 held-out shard. 2,048 training samples: 32 batches of 32 for each of 2 ranks."""
+    from pipeline.cli import main
+    from pipeline.data.synthetic import write_image_folder
+
+    root = tmp_path_factory.mktemp("jpeg-shards")
+    write_image_folder(root / "images", classes=8, size=16, train_size=2048, val_size=352, seed=3)
+    assert main(["data", "shard", str(root / "images"), str(root / "out"), *SHARD_ARGS]) == 0
+    return root / "out"
+
+
+SHARD_ARGS = ["--shard-size", "300", "--workers", "2"]
+
+
 def tiny_job(root: Path, stages: list[dict], **data) -> dict:
     """A job on a small synthetic set whose stores all live under `root`."""
     return {

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import tarfile
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision import datasets
 
 from pipeline.data import prepare_data
+from pipeline.data.convert import convert
 from pipeline.data.loaders import open_data, random_crop_flip
-from pipeline.data.shards import read_manifest, sha256_file, shard_image_folder
+from pipeline.data.shards import read_manifest, sha256_file
 from pipeline.data.synthetic import write_image_folder
 from pipeline.spec import DataSpec
 from tests.conftest import FASHION_MNIST
@@ -34,7 +37,7 @@ def test_synthetic_folder_is_balanced_jpegs(image_folder):
 
 
 def test_shards_match_source_and_manifest(image_folder, tmp_path):
-    manifest = shard_image_folder(image_folder, tmp_path, shard_size=25)
+    manifest = convert(image_folder, tmp_path, shard_size=25, workers=1)
     assert manifest == read_manifest(tmp_path)
     assert manifest["classes"] == ["class_00", "class_01", "class_02", "class_03"]
     train = manifest["splits"]["train"]
@@ -56,23 +59,19 @@ def test_shards_match_source_and_manifest(image_folder, tmp_path):
 
 
 def test_shard_reader_gives_every_rank_the_same_number_of_batches(image_folder, tmp_path):
-    shard_image_folder(image_folder, tmp_path, shard_size=25)  # 4 shards of 25, 25, 25, 15 over 2 ranks
+    convert(image_folder, tmp_path, shard_size=25, workers=1)  # 4 shards of 25, 25, 25, 15 over 2 ranks
     spec = DataSpec(source="shards", path=str(tmp_path), image_size=16, batch_size=8, loader_workers=0)
     prepared = prepare_data(spec)
     readers = [open_data(prepared, spec, 0, rank, 2) for rank in range(2)]
     for epoch in range(3):
         steps = {r.steps_per_epoch(epoch) for r in readers}
         assert len(steps) == 1
-        # split_by_node reads RANK/WORLD_SIZE; each rank is read here as its own process would.
         counts = []
-        for rank, reader in enumerate(readers):
-            with pytest.MonkeyPatch.context() as env:
-                env.setenv("RANK", str(rank))
-                env.setenv("WORLD_SIZE", "2")
-                batches = list(reader.train_batches(epoch))
+        for reader in readers:
+            batches = list(reader.train_batches(epoch))
             assert all(images.shape == (8, 3, 16, 16) for images, _ in batches)
             counts.append(len(batches))
-        assert counts == [steps.pop()] * 2
+        assert counts == [steps.pop()] * 2 == [90 // 16] * 2
 
 
 def test_imagefolder_reader(image_folder):
@@ -110,6 +109,27 @@ def test_cifar_reader_on_small_copy(tmp_path, monkeypatch):
     images, labels = next(reader.train_batches(0))
     assert images.shape == (16, 3, 32, 32) and labels.max() < 10
     assert sum(len(y) for _, y in reader.val_batches()) == 20
+
+
+def test_cifar_converts_to_lossless_png_shards(tmp_path, monkeypatch):
+    (tmp_path / "cifar").mkdir()
+    folder = write_small_cifar(tmp_path / "cifar")
+    for attr in ("train_list", "test_list"):
+        entries = [[name, sha_md5(folder / name)] for name, _ in getattr(datasets.CIFAR10, attr)]
+        monkeypatch.setattr(datasets.CIFAR10, attr, entries)
+    monkeypatch.setitem(datasets.CIFAR10.meta, "md5", sha_md5(folder / "batches.meta"))
+    manifest = convert(tmp_path / "cifar", tmp_path / "shards", shard_size=100, workers=1)
+    assert manifest["classes"] == [f"c{i}" for i in range(10)] and manifest["normalization"] == "cifar10"
+    assert [manifest["splits"][s]["count"] for s in ("train", "val")] == [250, 20]
+    source = datasets.CIFAR10(str(tmp_path / "cifar"), train=False)
+    with tarfile.open(tmp_path / "shards" / manifest["splits"]["val"]["shards"][0]["name"]) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar}
+    for name, data in files.items():
+        if name.endswith(".png"):
+            index = int(name.split("_")[1].split(".")[0])  # keys are the source index: val_00000007
+            pixels = np.asarray(Image.open(io.BytesIO(data)))
+            assert np.array_equal(pixels, source.data[index])  # PNG: every pixel as it was
+            assert int(files[name.replace(".png", ".cls")]) == source.targets[index]
 
 
 def sha_md5(path):

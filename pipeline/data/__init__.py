@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.spec import DataSpec
+from pipeline.spec import DataSpec, is_url
 
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -40,7 +40,7 @@ FASHION_MNIST_FILES = (
 @dataclass(frozen=True)
 class PreparedData:
     kind: str  # shards | imagefolder | cifar | fashion-mnist: which reader opens it
-    path: Path  # absolute
+    path: str  # absolute path, or the URL of a shard folder
     image_size: int
     num_classes: int
     normalization: str
@@ -49,27 +49,10 @@ class PreparedData:
 
 
 def prepare_data(spec: DataSpec) -> PreparedData:
-    from pipeline.data.shards import manifest_id, read_manifest
-
     size = spec.image_size
-    if spec.source == "synthetic":
-        folder = synthesize(spec)
-        count = read_manifest(folder)["splits"]["train"]["count"]
-        return PreparedData("shards", folder, size, spec.classes, "synthetic", manifest_id(folder), count)
+    if spec.source in ("synthetic", "shards"):
+        return prepare_shards(spec)
     path = Path(spec.path).resolve()
-    if spec.source == "shards":
-        if not (path / "manifest.json").is_file():
-            raise UserError(f"data.path: '{spec.path}' has no manifest.json (expected a folder of shards)")
-        manifest = read_manifest(path)
-        return PreparedData(
-            "shards",
-            path,
-            size,
-            len(manifest["classes"]),
-            manifest.get("normalization", "imagenet"),
-            manifest_id(path),
-            manifest["splits"]["train"]["count"],
-        )
     if spec.source == "imagefolder":
         counts = {
             split: {c.name: sum(1 for _ in c.iterdir()) for c in sorted((path / split).iterdir()) if c.is_dir()}
@@ -80,16 +63,38 @@ def prepare_data(spec: DataSpec) -> PreparedData:
             raise UserError(f"data.path: '{spec.path}' needs train/ and val/ class folders (ImageNet layout)")
         identity = hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()
         count = sum(counts["train"].values())
-        return PreparedData("imagefolder", path, size, len(counts["train"]), "imagenet", identity, count)
+        return PreparedData("imagefolder", str(path), size, len(counts["train"]), "imagenet", identity, count)
     if spec.source == "cifar":  # torchvision's CIFAR format: always the full 50,000 training images
-        return PreparedData("cifar", path, size, spec.classes, f"cifar{spec.classes}", f"cifar{spec.classes}", 50_000)
+        cifar = f"cifar{spec.classes}"
+        return PreparedData("cifar", str(path), size, spec.classes, cifar, cifar, 50_000)
     identity = hashlib.sha256()
     for name in FASHION_MNIST_FILES:
         identity.update(fashion_mnist_file(path, name).read_bytes())
     labels = fashion_mnist_file(path, FASHION_MNIST_FILES[1])
     with (gzip.open if labels.suffix == ".gz" else open)(labels, "rb") as f:
         count = int.from_bytes(f.read(8)[4:], "big")  # IDX header: magic number, then the item count
-    return PreparedData("fashion-mnist", path, size, 10, "fashion-mnist", identity.hexdigest(), count)
+    return PreparedData("fashion-mnist", str(path), size, 10, "fashion-mnist", identity.hexdigest(), count)
+
+
+def prepare_shards(spec: DataSpec) -> PreparedData:
+    from pipeline.data.shards import manifest_bytes
+
+    if spec.source == "synthetic":
+        location = str(synthesize(spec))
+    else:
+        location = spec.path if is_url(spec.path) else str(Path(spec.path).resolve())
+    try:
+        raw = manifest_bytes(location)
+        manifest = json.loads(raw)
+        classes, train_count = manifest["classes"], manifest["splits"]["train"]["count"]
+    except Exception as err:  # a missing file, a failed download, bad JSON, a manifest of another shape
+        raise UserError(
+            f"data.path: '{location}' has no readable manifest.json (expected shards written by 'kdpipe data "
+            f"shard'; {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    identity = hashlib.sha256(raw).hexdigest()
+    normalization = manifest.get("normalization", "imagenet")
+    return PreparedData("shards", location, spec.image_size, len(classes), normalization, identity, train_count)
 
 
 def data_identity(spec: DataSpec) -> str | None:
@@ -109,7 +114,8 @@ def synthetic_root(spec: DataSpec) -> Path:
 
 def synthesize(spec: DataSpec) -> Path:
     """Generate (once) the synthetic ImageFolder and its shards; returns the shard folder."""
-    from pipeline.data.shards import MANIFEST, shard_image_folder
+    from pipeline.data.convert import convert
+    from pipeline.data.shards import MANIFEST
     from pipeline.data.synthetic import write_image_folder
 
     root = synthetic_root(spec)
@@ -119,7 +125,7 @@ def synthesize(spec: DataSpec) -> Path:
     # Build in a scratch folder and rename at the end: an interrupted run never leaves half a data set behind.
     scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=root.parent if root.parent.exists() else None))
     write_image_folder(scratch / "images", spec.classes, spec.image_size, spec.train_size, spec.val_size, spec.seed)
-    shard_image_folder(scratch / "images", scratch / SYNTHETIC_SHARDS, spec.shard_size, normalization="synthetic")
+    convert(scratch / "images", scratch / SYNTHETIC_SHARDS, spec.shard_size, workers=1, normalization="synthetic")
     root.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(scratch, root)

@@ -1,8 +1,8 @@
-"""WebDataset tar shards: writing them from an ImageFolder tree, and the manifest that describes them.
+"""WebDataset tar shards: their names, the manifest that describes them, decoding and verification.
 
-Each sample is `{__key__, jpg, cls}`; JPEG bytes are stored as read from disk, never re-encoded. The manifest
-(`manifest.json` beside the shards) lists, per split, each shard's name, sample count, byte size and sha256, and
-the class names in index order. Its own hash is the data's identity for stage fingerprints.
+Each sample is `{__key__, jpg|png, cls}`. The manifest (`manifest.json` beside the shards) lists, per split, each
+shard's name, sample count, byte size and sha256, and the class names in index order (a class's index is its
+label). Its own hash is the data's identity for stage fingerprints. `pipeline.data.convert` writes them.
 """
 
 from __future__ import annotations
@@ -10,53 +10,42 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 import webdataset as wds
-from PIL import Image
-from rich.progress import track
+from PIL import Image, UnidentifiedImageError
+from webdataset.gopen import Pipe, gopen_schemes
+
+from pipeline.spec import is_url
+from pipeline.terminal import tracked
 
 MANIFEST = "manifest.json"
 
 
-def shard_image_folder(
-    src: Path,
-    out: Path,
-    shard_size: int,
-    splits: tuple[str, ...] = ("train", "val"),
-    seed: int = 0,
-    normalization: str = "imagenet",
-) -> dict:
-    """Write `out/{split}-NNNNNN.tar` for each split folder of `src` and the manifest; returns the manifest."""
-    out.mkdir(parents=True, exist_ok=True)
-    classes = sorted(p.name for p in (src / splits[0]).iterdir() if p.is_dir())
-    manifest: dict = {"classes": classes, "normalization": normalization, "splits": {}}
-    for split in splits:
-        files = [
-            (path, label)
-            for label, name in enumerate(classes)
-            for path in sorted((src / split / name).iterdir())
-            if path.is_file()
-        ]
-        # Written in a fixed random order: a reader's shuffle buffer only mixes nearby samples, so shards in
-        # class order would feed whole runs of one class into consecutive batches.
-        random.Random(seed).shuffle(files)
-        # maxsize far above maxcount * image size: shards split by count alone, so sizes are predictable.
-        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, maxsize=1 << 40, verbose=0) as sink:
-            for i, (path, label) in enumerate(track(files, description=f"sharding {split}", transient=True)):
-                sink.write({"__key__": f"{split}_{i:08d}", "jpg": path.read_bytes(), "cls": label})
-        manifest["splits"][split] = describe_shards(sorted(out.glob(f"{split}-*.tar")))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return manifest
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
 
 
-def describe_shards(paths: list[Path]) -> dict:
-    shards = [
-        {"name": p.name, "count": count_samples(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths
-    ]
-    return {"count": sum(s["count"] for s in shards), "shards": shards}
+def describe_shard(path: Path, count: int | None = None) -> dict:
+    """A shard's manifest entry; `count` saves reading the tar again when the writer knows it."""
+    count = count_samples(path) if count is None else count
+    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """JPEG or PNG bytes to an RGB PIL image (greyscale repeated to RGB); OSError if undecodable."""
+    image = Image.open(io.BytesIO(data))
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() loads; RGB images load lazily
+
+
+def decode_problem(err: OSError) -> str:
+    """PIL's errors for bad image data are OSError subclasses; one that names no file object."""
+    return "not an image PIL can identify" if isinstance(err, UnidentifiedImageError) else str(err)
 
 
 def sample_key(member: tarfile.TarInfo) -> str:
@@ -77,12 +66,38 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(folder: Path) -> dict:
-    return json.loads((folder / MANIFEST).read_text())
+def location_of(folder: str | Path, name: str) -> str:
+    """A file of a shard folder, which is a local path or a URL."""
+    folder = str(folder)
+    return f"{folder.rstrip('/')}/{name}" if is_url(folder) else str(Path(folder) / name)
 
 
-def manifest_id(folder: Path) -> str:
-    return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+def open_location(url: str) -> BinaryIO:
+    """Local paths open as files; http(s):// through curl, gs:// through gsutil (webdataset's own handlers) and
+    s3:// through the aws CLI, each given as an argument list: no URL ever reaches a shell."""
+    return wds.gopen(url)
+
+
+def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> Pipe:
+    if mode != "rb":
+        raise ValueError(f"{url}: shards are only read")
+    return Pipe(["aws", "s3", "cp", url, "-"], mode=mode, bufsize=bufsize, ignore_status=[141, 23])
+
+
+gopen_schemes.setdefault("s3", gopen_s3)
+
+
+def manifest_bytes(folder: str | Path) -> bytes:
+    with open_location(location_of(folder, MANIFEST)) as stream:
+        return stream.read()
+
+
+def read_manifest(folder: str | Path) -> dict:
+    return json.loads(manifest_bytes(folder))
+
+
+def manifest_id(folder: str | Path) -> str:
+    return hashlib.sha256(manifest_bytes(folder)).hexdigest()
 
 
 def verify_shards(folder: Path) -> list[str]:
@@ -95,7 +110,7 @@ def verify_shards(folder: Path) -> list[str]:
         return [f"{folder / MANIFEST}: not a readable shard manifest ({type(err).__name__}: {err})"]
     problems = []
     for split in splits.values():
-        for shard in track(split["shards"], description="verifying shards", transient=True):
+        for shard in tracked(split["shards"], "verifying shards"):
             path = folder / shard["name"]
             problem = shard_problem(path, shard)
             if problem:
@@ -114,10 +129,12 @@ def shard_problem(path: Path, expected: dict) -> str | None:
             keys = set()
             for member in tar:
                 keys.add(sample_key(member))
-                if member.name.endswith((".jpg", ".jpeg", ".png")):
-                    with Image.open(io.BytesIO(tar.extractfile(member).read())) as image:
-                        image.load()
-    except (tarfile.TarError, OSError) as err:  # PIL raises OSError subclasses for bad image data
+                if member.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+                    try:
+                        decode_image(tar.extractfile(member).read()).load()
+                    except OSError as err:
+                        return f"undecodable image {member.name} ({decode_problem(err)})"
+    except (tarfile.TarError, OSError) as err:
         return f"unreadable ({type(err).__name__}: {err})"
     if len(keys) != expected["count"]:
         return f"{len(keys)} samples, manifest says {expected['count']}"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.progress import track
+
+from pipeline.terminal import tracked
 
 
 def grating_images(label: int, count: int, classes: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -41,7 +42,7 @@ def write_image_folder(root: Path, classes: int, size: int, train_size: int, val
     rng = np.random.default_rng(seed)
     for split, total in (("train", train_size), ("val", val_size)):
         per_class = [total // classes + (1 if c < total % classes else 0) for c in range(classes)]
-        for label in track(range(classes), description=f"synthetic {split} images", transient=True):
+        for label in tracked(range(classes), f"synthetic {split} images"):
             folder = root / split / f"class_{label:02d}"
             folder.mkdir(parents=True, exist_ok=True)
             for i, pixels in enumerate(grating_images(label, per_class[label], classes, size, rng)):

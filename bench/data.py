@@ -1,0 +1,64 @@
+"""Training images per second: the shard reader against torchvision's ImageFolder + DataLoader on the same JPEGs.
+
+Both read the same images with the same worker count, batch size and training transforms (RandomResizedCrop +
+flip, normalized float batches out), in one process, one after the other, warm page cache for both; each is timed
+over full epochs, alternating, and its best epoch counts. Prints the ratio shard / ImageFolder.
+
+    .venv/bin/python bench/data.py [--images 2000] [--size 160] [--crop 128] [--workers 2] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.data import prepare_data
+from pipeline.data.convert import convert
+from pipeline.data.loaders import open_data
+from pipeline.data.synthetic import write_image_folder
+from pipeline.spec import DataSpec
+
+
+def images_per_second(spec: DataSpec, epoch: int) -> float:
+    reader = open_data(prepare_data(spec), spec, seed=0, rank=0, world=1)
+    started, count = time.perf_counter(), 0
+    for images, _ in reader.train_batches(epoch):
+        count += len(images)
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000, help="training JPEGs (default 2000)")
+    parser.add_argument("--size", type=int, default=160, help="side of the stored JPEGs (default 160)")
+    parser.add_argument("--crop", type=int, default=128, help="side of the training crops (default 128)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for both readers (default 2)")
+    parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per reader (default 3)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_image_folder(root / "jpegs", 8, args.size, args.images, args.images // 10, seed=0)
+        convert(root / "jpegs", root / "shards", shard_size=250, workers=args.workers)
+        common = {"image_size": args.crop, "batch_size": args.batch, "loader_workers": args.workers}
+        specs = {
+            "shards": DataSpec(source="shards", path=str(root / "shards"), **common),
+            "imagefolder": DataSpec(source="imagefolder", path=str(root / "jpegs"), **common),
+        }
+        for spec in specs.values():
+            images_per_second(spec, epoch=0)  # warm-up: page cache, imports, worker start-up paths
+        best = dict.fromkeys(specs, 0.0)
+        for epoch in range(1, args.epochs + 1):
+            for name, spec in specs.items():
+                best[name] = max(best[name], images_per_second(spec, epoch))
+    print(f"{args.images} JPEGs {args.size} px -> {args.crop} px crops, {args.workers} workers, batch {args.batch}")
+    for name, rate in best.items():
+        print(f"  {name:12s} {rate:8.0f} images/s")
+    print(f"ratio shards / imagefolder: {best['shards'] / best['imagefolder']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

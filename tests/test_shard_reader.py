@@ -1,0 +1,191 @@
+"""The shard reader: each rank's and DataLoader worker's range, bad-data policies, URLs, and 2 Ray Train ranks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.data import prepare_data
+from pipeline.data.loaders import open_data
+from pipeline.data.shard_reader import BadDataError, cut_ranges, range_lengths
+from pipeline.data.shards import read_manifest
+from pipeline.errors import UserError
+from pipeline.spec import DataSpec
+from tests.shard_damage import garble_image, train_shard
+
+
+def shard_spec(folder: Path | str, **fields) -> DataSpec:
+    return DataSpec(**{"source": "shards", "path": str(folder), "image_size": 16, "batch_size": 32, **fields})
+
+
+def all_keys(folder: Path, split: str) -> set[str]:
+    """Every sample key of a split, read from its tar files."""
+    found = set()
+    for shard in read_manifest(folder)["splits"][split]["shards"]:
+        with tarfile.open(folder / shard["name"]) as tar:
+            found |= {m.name.split(".")[0] for m in tar}
+    return found
+
+
+def test_ranges_are_whole_batches_cut_from_the_shards_in_order():
+    # 12 samples, 2 ranks x 2 workers, batch 2: 3 steps per rank, dealt to its workers as 2 + 1 batches.
+    assert range_lengths(12, world=2, workers=2, batch=2) == [4, 2, 4, 2]
+    assert cut_ranges([("a", 5), ("b", 3), ("c", 4)], [4, 2, 4, 2]) == [
+        [("a", 0, 4)],
+        [("a", 4, 5), ("b", 0, 1)],
+        [("b", 1, 3), ("c", 0, 2)],
+        [("c", 2, 4)],
+    ]
+    # 13 samples, 2 ranks, batch 3: 2 steps each; the last sample sits this epoch out.
+    assert range_lengths(13, world=2, workers=1, batch=3) == [6, 6]
+
+
+def test_two_epochs_in_one_process_per_rank(jpeg_shards):
+    spec = shard_spec(jpeg_shards, loader_workers=2)
+    prepared = prepare_data(spec)
+    readers = [open_data(prepared, spec, 0, rank, 2) for rank in range(2)]
+    orders = []
+    for epoch in range(2):
+        batches = [list(r.keyed_train_batches(epoch)) for r in readers]
+        assert [len(b) for b in batches] == [32, 32] == [r.steps_per_epoch(epoch) for r in readers]
+        keys = Counter(k for rank in batches for _, _, ks, _ in rank for k in ks)
+        assert set(keys.values()) == {1} and len(keys) == 2048
+        orders.append([k for _, _, ks, _ in batches[0] for k in ks])
+    assert orders[0] != orders[1]  # a new order every epoch
+    images, labels = next(readers[0].train_batches(0))
+    assert images.dtype == torch.float32 and images.shape == (32, 3, 16, 16) and labels.max() < 8
+
+
+def test_a_bad_image_fails_the_epoch_naming_the_shard(jpeg_shards, tmp_path):
+    folder = Path(shutil.copytree(jpeg_shards, tmp_path / "copy"))
+    shard = train_shard(folder, 3)
+    key = garble_image(shard, 7)
+    # In the reading process itself: a DataLoader worker re-raises the same error with the same last line, but
+    # its workers, left mid-epoch, take 10 s to shut down.
+    spec = shard_spec(folder, loader_workers=0)
+    reader = open_data(prepare_data(spec), spec, 0, 0, 1)
+    with pytest.raises(BadDataError, match=f"{shard}: undecodable image {key}"):
+        for _ in reader.train_batches(0):
+            pass
+
+
+def test_skip_counts_bad_samples_and_keeps_every_batch(jpeg_shards, tmp_path):
+    folder = Path(shutil.copytree(jpeg_shards, tmp_path / "copy"))
+    garble_image(train_shard(folder, 3), 7)
+    lost = train_shard(folder, 5)
+    lost_count = read_manifest(folder)["splits"]["train"]["shards"][5]["count"]
+    lost.unlink()
+    spec = shard_spec(folder, loader_workers=2, bad_samples="skip")
+    reader = open_data(prepare_data(spec), spec, 0, 0, 1)
+    batches = list(reader.train_batches(0))
+    assert len(batches) == 64 and all(len(labels) == 32 for _, labels in batches)
+    assert reader.skipped == 1 + lost_count
+    assert sum(len(labels) for _, labels in reader.val_batches()) == 352 and reader.skipped == 1 + lost_count
+
+
+@pytest.fixture
+def http_server(jpeg_shards):
+    """The shard folder served over HTTP on loopback: what an object store's HTTPS endpoint looks like."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(jpeg_shards)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield url
+    server.terminate()
+    server.wait()
+
+
+def test_shards_read_from_a_url_as_from_the_folder(jpeg_shards, http_server):
+    local, remote = shard_spec(jpeg_shards), shard_spec(http_server)
+    assert prepare_data(remote).identity == prepare_data(local).identity
+    keys = [
+        [k for _, _, ks, _ in open_data(prepare_data(spec), spec, 0, 1, 2).keyed_train_batches(0) for k in ks]
+        for spec in (local, remote)
+    ]
+    assert keys[0] == keys[1] and len(keys[0]) == 1024
+    with pytest.raises(UserError, match="has no readable manifest.json"):
+        prepare_data(shard_spec(http_server + "/nowhere"))
+
+
+@pytest.mark.parametrize("path", ["pipe:cat /etc/passwd", "ftp://host/shards"])
+def test_urls_that_would_run_a_shell_or_are_unknown_are_refused(path):
+    with pytest.raises(ValueError, match="expected a folder or a https/http/gs/s3 URL"):
+        shard_spec(path)
+
+
+def test_two_ray_train_ranks_with_two_loader_workers_each(ray_local, jpeg_shards, tmp_path):
+    """One epoch visits every training sample exactly once across ranks, with the same number of batches on each
+    rank from 7 shards; the held-out accuracy over 2 ranks equals one process's on the same weights."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.models import build_model
+
+    spec = shard_spec(jpeg_shards, loader_workers=2)
+    prepared = prepare_data(spec)
+    assert len(read_manifest(jpeg_shards)["splits"]["train"]["shards"]) == 7
+
+    def loop(config: dict) -> None:
+        import ray.train
+
+        from pipeline.stage import evaluate
+
+        context = ray.train.get_context()
+        rank = context.get_world_rank()
+        data = open_data(config["prepared"], config["spec"], 0, rank, context.get_world_size())
+        batches = [keys for _, _, keys, _ in data.keyed_train_batches(0)]
+        val_keys = [k for _, _, keys, _ in data.keyed_val_batches() for k in keys]
+        torch.manual_seed(0)
+        model = build_model("resnet8", data.num_classes).eval()
+        top1 = evaluate(model, data.val_batches(), torch.device("cpu"), torch.float32, data.num_classes)["val/top1"]
+        record = {"batches": batches, "val_keys": val_keys, "top1": top1}
+        Path(config["out"], f"rank-{rank}.json").write_text(json.dumps(record))
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"prepared": prepared, "spec": spec, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=RunConfig(name="shard-reading", storage_path=str(tmp_path / "ray")),
+    )
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+
+    assert [len(r["batches"]) for r in ranks] == [32, 32]
+    assert all(len(keys) == 32 for r in ranks for keys in r["batches"])
+    seen = Counter(k for r in ranks for keys in r["batches"] for k in keys)
+    assert seen.keys() == all_keys(jpeg_shards, "train") and set(seen.values()) == {1}
+    val_seen = Counter(k for r in ranks for k in r["val_keys"])
+    assert val_seen.keys() == all_keys(jpeg_shards, "val") and set(val_seen.values()) == {1}
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", prepared.num_classes).eval()
+    single = open_data(prepared, shard_spec(jpeg_shards, loader_workers=0), 0, 0, 1)
+    hits = count = 0
+    with torch.no_grad():
+        for images, labels in single.val_batches():
+            hits += int((model(images).argmax(1) == labels).sum())
+            count += len(labels)
+    assert count == 352
+    assert ranks[0]["top1"] == ranks[1]["top1"] == pytest.approx(hits / count, abs=1e-12)
