@@ -25,7 +25,7 @@ def ray_local():
 # A teacher -> assistant -> student chain on small synthetic data; the assistant runs ZeRO-2 (its optimizer state
 # is partitioned over the 2 ranks), which makes it the stage whose interruption and resumption matter most.
 CHAIN = [
-    {"name": "teacher", "model": "resnet8", "epochs": 3, "optimizer": {"lr": 0.05}},
+    {"name": "teacher", "model": "resnet8", "epochs": 3, "optimizer": {"lr": 0.1}},
     {
         "name": "assistant",
         "model": "resnet8",
