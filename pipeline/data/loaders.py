@@ -23,7 +23,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from pipeline.data import NORMALIZATION, PreparedData, uncompressed_fashion_mnist
-from pipeline.data.order import epoch_seed, loader_generator
+from pipeline.data.order import LOADER_CONTEXT, epoch_seed, loader_generator
 from pipeline.data.shard_reader import ShardData, geometry
 from pipeline.spec import DataSpec
 
@@ -154,10 +154,12 @@ class FolderData:
             self.batch_size,
             sampler=self.sampler,
             num_workers=self.workers,
+            multiprocessing_context=LOADER_CONTEXT if self.workers else None,
             drop_last=True,
             generator=loader_generator(self.seed, epoch, self.rank),
         )
         return itertools.islice(loader, start, None)  # as for shards: a resumed epoch replays its first batches
 
     def val_batches(self) -> Iterator[Batch]:
-        return iter(DataLoader(self.val, self.batch_size, num_workers=self.workers))
+        context = LOADER_CONTEXT if self.workers else None
+        return iter(DataLoader(self.val, self.batch_size, num_workers=self.workers, multiprocessing_context=context))

@@ -26,7 +26,7 @@ import webdataset as wds
 from torchvision.transforms import v2
 
 from pipeline.data import NORMALIZATION, PreparedData
-from pipeline.data.order import epoch_seed, loader_generator
+from pipeline.data.order import LOADER_CONTEXT, epoch_seed, loader_generator
 from pipeline.data.shards import IMAGE_EXTENSIONS, decode_image, decode_problem, location_of, read_manifest
 from pipeline.spec import DataSpec
 
@@ -169,7 +169,11 @@ class ShardData:
         if shuffle_seed is not None:
             stages.append(wds.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed))
         stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=not train))
-        return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=self.workers, generator=generator)
+        pipeline = wds.DataPipeline(*stages)
+        context = LOADER_CONTEXT if self.workers else None
+        return wds.WebLoader(
+            pipeline, batch_size=None, num_workers=self.workers, generator=generator, multiprocessing_context=context
+        )
 
     def keyed_train_batches(self, epoch: int, start: int = 0) -> Iterator[tuple]:
         """(uint8 images, labels, sample keys, read flags) of this rank's steps `start..` in `epoch`."""
