@@ -80,6 +80,9 @@ def tiny_job(root: Path, stages: list[dict], **data) -> dict:
             "val_size": 128,
             "shard_size": 128,
             "batch_size": 32,
+            # Read in the training process: no loader worker processes to start (about 5 s per rank and stage
+            # for the fork server); test_shard_reader and test_real_data cover loader workers.
+            "loader_workers": 0,
             **data,
         },
         "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "tests"},
