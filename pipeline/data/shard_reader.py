@@ -142,7 +142,8 @@ class ShardData:
         self.skip = spec.bad_samples == "skip"
         self.seed, self.rank, self.world = seed, rank, world
         self.train_shards = [(s["name"], s["count"]) for s in manifest["splits"]["train"]["shards"]]
-        self.val_shards = [(s["name"], s["count"]) for s in manifest["splits"]["val"]["shards"]]
+        val_shards = [(s["name"], s["count"]) for s in manifest["splits"]["val"]["shards"]]
+        self.val_ranges = self._rank_ranges(val_shards, 1)  # the same every epoch; batch 1: every sample dealt out
         # uint8 tensors out of the workers (a quarter of float32's bytes to move); one float conversion per batch
         self.train_tf, self.val_tf = (
             v2.Compose([geometry(prepared.image_size, t), v2.PILToTensor()]) for t in (spec.augment, False)
@@ -155,7 +156,7 @@ class ShardData:
         return sum(count for _, count in self.train_shards) // (self.batch_size * self.world)
 
     def _rank_ranges(self, shards: list[tuple[str, int]], batch: int) -> list[list[Piece]]:
-        """This rank's ranges, one per DataLoader worker. Evaluation passes batch 1: every sample is dealt out."""
+        """This rank's ranges, one per DataLoader worker."""
         workers = max(self.workers, 1)
         lengths = range_lengths(sum(count for _, count in shards), self.world, workers, batch)
         return cut_ranges(shards, lengths)[self.rank * workers : (self.rank + 1) * workers]
@@ -186,7 +187,7 @@ class ShardData:
         return itertools.islice(self._batches(ranges, self.train_tf, True, generator, shuffle_seed), start, None)
 
     def keyed_val_batches(self) -> Iterator[tuple]:
-        return iter(self._batches(self._rank_ranges(self.val_shards, 1), self.val_tf, False))
+        return iter(self._batches(self.val_ranges, self.val_tf, False))
 
     def _normalized(self, batches: Iterable[tuple], expected: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         read = 0
@@ -201,7 +202,7 @@ class ShardData:
         return self._normalized(self.keyed_train_batches(epoch, start), expected)
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        expected = sum(end - first for pieces in self._rank_ranges(self.val_shards, 1) for _, first, end in pieces)
+        expected = sum(end - first for pieces in self.val_ranges for _, first, end in pieces)
         return self._normalized(self.keyed_val_batches(), expected)
 
 
