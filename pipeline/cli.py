@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STAGE",
         help="retrain STAGE and every stage downstream of it in new MLflow runs, even if finished runs exist "
         "(earlier runs and their artifacts are kept); repeatable",
+    )
+    run.add_argument(
+        "--tracking-uri", metavar="URI", help="log to this MLflow store instead of the job file's tracking.uri"
     )
 
     status = commands.add_parser(
@@ -98,13 +102,67 @@ def build_parser() -> argparse.ArgumentParser:
         "decodes, its sample count and sha256 as the manifest says. Prints one line per bad shard; exit 2 if any.",
     )
     verify.add_argument("out", type=Path, help="a folder written by 'kdpipe data shard'")
+    add_cluster_commands(commands)
     return parser
+
+
+def add_cluster_commands(commands) -> None:
+    """submit, jobs, logs, stop: the Ray Jobs API of a cluster, authenticated with its Ray token."""
+    address = {
+        "metavar": "URL",
+        "help": "the Ray head's dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS). The Ray auth "
+        "token is read from $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token",
+    }
+    submit = commands.add_parser(
+        "submit",
+        help="run a job on a Ray cluster (Ray Jobs API); prints the Ray job id",
+        description="Submit 'kdpipe run JOB' as a Ray job: the runtime env carries this kdpipe package and the job "
+        "file, the head runs it with the cluster's Python ($KDPIPE_PYTHON there, else python), and the job file's "
+        "relative paths (workdir, data, a sqlite store) are taken from the folder every node shares ($KDPIPE_STORAGE "
+        "on the cluster, or --storage). Submitting the same job again reuses its finished stages and resumes an "
+        "interrupted one. Prints the job id on stdout.",
+    )
+    submit.add_argument("job", type=Path, help="the job file (YAML)")
+    submit.add_argument("--address", **address)
+    submit.add_argument("--storage", metavar="DIR", help="the cluster's shared folder, overriding its KDPIPE_STORAGE")
+    submit.add_argument("--tracking-uri", metavar="URI", help="the cluster's MLflow server, e.g. http://HEAD:5000")
+    jobs = commands.add_parser(
+        "jobs",
+        help="list the kdpipe jobs on a Ray cluster",
+        description="A table of the kdpipe jobs Ray knows: id, kdpipe job, status, start, end, Ray's message.",
+    )
+    jobs.add_argument("--address", **address)
+    logs = commands.add_parser("logs", help="print a job's logs", description="Print the driver log of a Ray job.")
+    logs.add_argument("job_id", help="the id 'kdpipe submit' printed")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing until the job ends; exit 1 unless it succeeded"
+    )
+    logs.add_argument("--address", **address)
+    stop = commands.add_parser(
+        "stop",
+        help="stop a running job",
+        description="Stop a Ray job and wait until it has ended. Its finished stages stay in MLflow and an "
+        "interrupted stage keeps its checkpoints: submitting the job again resumes it.",
+    )
+    stop.add_argument("job_id", help="the id 'kdpipe submit' printed")
+    stop.add_argument("--address", **address)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"validate": cmd_validate, "run": cmd_run, "status": cmd_status, "data": cmd_data}
+        commands = {
+            "validate": cmd_validate,
+            "run": cmd_run,
+            "status": cmd_status,
+            "data": cmd_data,
+            "submit": cmd_submit,
+            "jobs": cmd_jobs,
+            "logs": cmd_logs,
+            "stop": cmd_stop,
+        }
+        if args.command in ("validate", "run", "status"):
+            enter_storage(args)
         return commands[args.command](args)
     except UserError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
@@ -112,6 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+
+
+def enter_storage(args: argparse.Namespace) -> None:
+    """On a cluster, take the job file's relative paths from KDPIPE_STORAGE, the folder all its nodes share."""
+    storage = os.environ.get("KDPIPE_STORAGE")
+    if not storage:
+        return
+    if Path(args.job).is_file():
+        args.job = Path(args.job).resolve()
+    try:
+        os.chdir(storage)
+    except OSError as err:
+        raise UserError(f"KDPIPE_STORAGE: cannot use {storage} ({err.strerror}); expected a shared folder") from None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -127,6 +198,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.plan import load_plan
 
     plan = load_plan(args.job)
+    if args.tracking_uri:
+        plan.job.tracking.uri = args.tracking_uri
     for name in args.force:
         if name not in plan.stages:
             raise UserError(f"--force: no stage '{name}' in {args.job}; its stages are: {', '.join(plan.order)}")
@@ -259,6 +332,62 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     print_table(table)
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline import cluster
+
+    with cluster.session(args.address) as client:
+        job_id = cluster.submit(client, args.job, args.storage, args.tracking_uri)
+    print(job_id)
+    err_console.print(f"follow it with: kdpipe logs --follow {job_id}", highlight=False)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from pipeline import cluster
+
+    with cluster.session(args.address) as client:
+        jobs = cluster.kdpipe_jobs(client)
+    table = Table(title="kdpipe jobs on the cluster")
+    for column in ("job id", "kdpipe job", "status", "started", "ended", "message"):
+        table.add_column(column, no_wrap=column == "job id")
+    for job in jobs:
+        table.add_row(
+            job.submission_id,
+            job.metadata[cluster.METADATA_JOB],
+            str(job.status.value),
+            clock(job.start_time),
+            clock(job.end_time),
+            (job.message or "")[:60],
+        )
+    print_table(table)
+    return 0
+
+
+def clock(milliseconds: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(milliseconds / 1000)) if milliseconds else "-"
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from pipeline import cluster
+
+    with cluster.session(args.address) as client:
+        if not args.follow:
+            sys.stdout.write(client.get_job_logs(args.job_id))
+            return 0
+        status = cluster.follow_logs(client, args.job_id, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    err_console.print(f"{args.job_id}: {status.value}", highlight=False)
+    return 0 if status.value == "SUCCEEDED" else 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from pipeline import cluster
+
+    with cluster.session(args.address) as client:
+        status = cluster.stop(client, args.job_id)
+    console.print(f"{args.job_id}: {status.value}", highlight=False)
+    return 0 if status.is_terminal() else 1
 
 
 if __name__ == "__main__":

@@ -21,9 +21,16 @@ class PlannedStage:
 
     @property
     def config(self) -> dict:
-        """The resolved stage config: what the fingerprint hashes and what MLflow records as params."""
+        """The resolved stage config: what MLflow records as params."""
         resolved = self.spec.model_dump()
         resolved["params"] = self.params.model_dump()
+        return resolved
+
+    @property
+    def identity(self) -> dict:
+        """The config as the fingerprint sees it: where the workers run changes nothing about what they learn."""
+        resolved = self.config
+        del resolved["workers"]["placement"]
         return resolved
 
 
@@ -38,7 +45,7 @@ class Plan:
         for name in self.order:
             stage = self.stages[name]
             upstream = [prints[t] for t in stage.spec.teachers]
-            prints[name] = dag.fingerprint(stage.config, upstream, data_id)
+            prints[name] = dag.fingerprint(stage.identity, upstream, data_id)
         return prints
 
     def downstream(self, name: str) -> set[str]:

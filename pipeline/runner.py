@@ -14,6 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -76,7 +77,20 @@ def ray_run_name(job: str, stage: str, run_id: str) -> str:
     return f"{job}-{stage}-{run_id}"
 
 
-def launch_stage(task: StageTask, workers: WorkersSpec, storage: Path, checkpointing: CheckpointSpec) -> None:
+def storage_path(workdir: str) -> str:
+    """Ray Train's storage for the job: WORKDIR/ray, a local folder (absolute: workers run elsewhere) or a URL."""
+    if "://" in workdir:
+        return workdir.rstrip("/") + "/ray"
+    return str(Path(workdir).resolve() / "ray")
+
+
+def storage_holds(storage: str, name: str) -> bool:
+    """Whether Ray Train's storage has a run folder `name`, on a local disk or in a bucket."""
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage)
+    return filesystem.get_file_info(f"{root}/{name}").type == pyarrow.fs.FileType.Directory
+
+
+def launch_stage(task: StageTask, workers: WorkersSpec, storage: str, checkpointing: CheckpointSpec) -> None:
     """One stage as one Ray Train run; raises if it failed."""
     use_gpu = workers.gpus > 0
     trainer = TorchTrainer(
@@ -86,11 +100,12 @@ def launch_stage(task: StageTask, workers: WorkersSpec, storage: Path, checkpoin
             num_workers=workers.count,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": workers.cpus, **({"GPU": workers.gpus} if use_gpu else {})},
+            placement_strategy=workers.placement,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=ray_run_name(task.job, task.config["name"], task.run_id),
-            storage_path=str(storage),
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             # A dead worker restarts the whole group from the latest checkpoint (`ray.train.get_checkpoint()`).
             failure_config=FailureConfig(max_failures=checkpointing.max_restarts),
@@ -120,7 +135,7 @@ def run_job(
         )
         for name in plan.order
     }
-    storage = Path(job.workdir).resolve() / "ray"
+    storage = storage_path(job.workdir)
     forced = set().union(*(plan.downstream(name) for name in force))
     for name in plan.order:
         if name not in forced:
@@ -216,10 +231,10 @@ def run_job(
 
 
 def find_earlier_run(
-    tracker: Tracker, experiment: str, parent: str, outcome: StageOutcome, job: str, storage: Path
+    tracker: Tracker, experiment: str, parent: str, outcome: StageOutcome, job: str, storage: str
 ) -> None:
     """Reuse a finished run of this exact stage (same fingerprint), or resume an interrupted one that left a
-    checkpoint (in MLflow, or in Ray Train's storage on this machine); otherwise the stage trains from scratch."""
+    checkpoint (in MLflow, or in Ray Train's storage); otherwise the stage trains from scratch."""
     found = tracker.find_finished_stage(experiment, outcome.fingerprint)
     if found:
         outcome.status, (outcome.run_id, outcome.metrics) = "reused", found
@@ -229,7 +244,7 @@ def find_earlier_run(
     if interrupted is None:
         return
     run_id = interrupted.info.run_id
-    if tracker.checkpoints(run_id) or (storage / ray_run_name(job, outcome.name, run_id)).is_dir():
+    if tracker.checkpoints(run_id) or storage_holds(storage, ray_run_name(job, outcome.name, run_id)):
         outcome.run_id, outcome.resumed = run_id, True
 
 

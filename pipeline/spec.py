@@ -114,6 +114,11 @@ class WorkersSpec(Strict):
     count: PositiveInt = Field(2, description="Ray Train workers (data-parallel ranks)")
     cpus: PositiveFloat = 1.0
     gpus: NonNegativeFloat = 0.0
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray placement strategy of the workers: PACK fills a node first (fast collectives), SPREAD "
+        "spreads them over nodes where it can, STRICT_* insist",
+    )
 
 
 class StageSpec(Strict):
@@ -145,7 +150,9 @@ class CheckpointSpec(Strict):
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
-    workdir: str = Field("kdpipe-out", description="where Ray Train keeps checkpoints")
+    workdir: str = Field(
+        "kdpipe-out", description="where Ray Train keeps checkpoints: a folder all nodes see, or an s3:// or gs:// URL"
+    )
     data: DataSpec
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     checkpoint: CheckpointSpec = Field(

@@ -32,7 +32,7 @@ from pipeline.methods import METHODS
 from pipeline.models import build_model, load_weights, save_weights
 from pipeline.progress import report_progress
 from pipeline.spec import CheckpointSpec, DataSpec, OptimizerSpec, ScheduleSpec, StageSpec
-from pipeline.tracking import TAG_CHECKPOINT, TAG_RESUMED, Tracker
+from pipeline.tracking import TAG_CHECKPOINT, TAG_NODE, TAG_RESUMED, Tracker
 
 PROBE_FILE, PROBE_SIZE = "probe.safetensors", 16
 CLOCK_CHECK_STEPS = 10  # how often ranks agree on whether a time-based checkpoint is due (a small collective)
@@ -121,7 +121,9 @@ def all_ranks_sum(count: int, device: torch.device) -> int:
 
 def load_teacher(tracker: Tracker, ref: TeacherRef, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A teacher stage's final weights, frozen and in eval mode (BN running statistics) from the start."""
-    return load_weights(tracker.download_weights(ref.run_id)).to(device, dtype).eval().requires_grad_(False)
+    with tracker.downloaded_weights(ref.run_id) as folder:
+        teacher = load_weights(folder)
+    return teacher.to(device, dtype).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -211,6 +213,7 @@ def stage_loop(config: dict) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(stage.deepspeed.precision, torch.float32)
     torch.manual_seed(task.seed)  # the same initial weights on every rank (DeepSpeed broadcasts rank 0's too)
     tracker = Tracker(task.tracking_uri)
+    tracker.set_tags(task.run_id, {f"{TAG_NODE}.{rank}": ray.get_runtime_context().get_node_id()})
 
     data = open_data(task.data, task.reading, task.seed, rank, world)
     method_cls = METHODS[stage.method]

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -29,6 +30,7 @@ WEIGHTS_DIR, CHECKPOINTS_DIR = "weights", "checkpoints"
 TAG_KIND, TAG_JOB, TAG_STAGE, TAG_FINGERPRINT = "kdpipe.kind", "kdpipe.job", "kdpipe.stage", "kdpipe.fingerprint"
 TAG_TEACHER = "kdpipe.teacher"  # kdpipe.teacher.<stage> = the MLflow run whose weights this stage learned from
 TAG_CHECKPOINT, TAG_RESUMED = "kdpipe.checkpoint", "kdpipe.resumed_from"
+TAG_NODE = "kdpipe.node"  # kdpipe.node.<rank> = the Ray node id that rank of the stage ran on
 
 # kdpipe prints its own table of run ids; MLflow's per-run "View run at" lines would break into the progress bars.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -208,10 +210,11 @@ class Tracker:
     def log_weights(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder), WEIGHTS_DIR)
 
-    def download_weights(self, run_id: str) -> Path:
-        """The stage's final weights folder, downloaded to a fresh local folder."""
-        target = tempfile.mkdtemp(prefix="kdpipe-weights-")
-        return Path(self.client.download_artifacts(run_id, WEIGHTS_DIR, target))
+    @contextlib.contextmanager
+    def downloaded_weights(self, run_id: str) -> Iterator[Path]:
+        """The stage's final weights folder, downloaded to a local folder that is removed after the block."""
+        with tempfile.TemporaryDirectory(prefix="kdpipe-weights-") as target:
+            yield Path(self.client.download_artifacts(run_id, WEIGHTS_DIR, target))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)

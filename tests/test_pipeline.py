@@ -53,7 +53,8 @@ def test_student_loaded_its_teachers_trained_weights(finished_chain):
     probe = load_file(
         tracker.client.download_artifacts(student_run.info.run_id, "teachers/probe.safetensors", str(root))
     )
-    saved = load_weights(tracker.download_weights(outcomes["assistant"].run_id)).eval()
+    with tracker.downloaded_weights(outcomes["assistant"].run_id) as folder:
+        saved = load_weights(folder).eval()
     with torch.no_grad():
         expected = saved(probe["images"])
         untrained = build_model("resnet8", 10).eval()(probe["images"])

@@ -154,8 +154,10 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_the_same_run(ray_l
     for key, tolerance in (("val/top1", 0.01), ("train/loss", 1e-4 * uninterrupted.metrics["train/loss"])):
         restarted = final_metric(tracker, run_id, key)
         assert abs(restarted - final_metric(reference_tracker, uninterrupted.run_id, key)) <= tolerance, key
-    restarted_weights = load_weights(tracker.download_weights(run_id)).state_dict()
-    reference_weights = load_weights(reference_tracker.download_weights(uninterrupted.run_id)).state_dict()
+    with tracker.downloaded_weights(run_id) as folder:
+        restarted_weights = load_weights(folder).state_dict()
+    with reference_tracker.downloaded_weights(uninterrupted.run_id) as folder:
+        reference_weights = load_weights(folder).state_dict()
     for name, value in restarted_weights.items():
         torch.testing.assert_close(value, reference_weights[name], rtol=1e-4, atol=1e-4)
 
@@ -180,7 +182,10 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
             "127.0.0.1",
             "--port",
             str(port),
+            "--workers",  # one web process and no job runners: the 2 cores are for the training under test
+            "1",
         ],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: stopping it stops its web workers too

@@ -1,0 +1,223 @@
+"""A real two-node Ray cluster on loopback, started by the scripts in cluster/ (token auth on), with the MLflow
+server of cluster/mlflow-server.sh (basic auth on): jobs go in through `kdpipe submit` and the Ray Jobs API."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from pipeline.tracking import TAG_NODE, TAG_RESUMED, TAG_STAGE, Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+KDPIPE = [str(BIN / "kdpipe")]
+ADMIN_PASSWORD = f"kdpipe-{secrets.token_hex(8)}"  # MLflow wants 12 characters or more
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    dashboard: str
+    mlflow: str
+    token: str
+    env: dict  # a client's environment: the token file, the MLflow login
+
+    def kdpipe(self, *args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*KDPIPE, *args], env=env or self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+        )
+
+    def node_ids(self) -> set[str]:
+        reply = requests.get(
+            f"{self.dashboard}/api/v0/nodes", headers={"Authorization": f"Bearer {self.token}"}, timeout=10
+        )
+        return {node["node_id"] for node in reply.json()["data"]["result"]["result"] if node["state"] == "ALIVE"}
+
+
+def wait_for(what: str, ready, seconds: float, processes: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(requests.RequestException):
+            if ready():
+                return
+        assert all(p.poll() is None for p in processes), f"a process ended while waiting for {what}"
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not ready within {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    shared = root / "shared"  # the storage every node shares
+    shared.mkdir()
+    ray_temp = tempfile.mkdtemp(prefix="kdp", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    ray_port, dashboard_port, mlflow_port = free_port(), free_port(), free_port()
+    node_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))},
+        # The venv last: `ray` and `python3` come from it, while ninja stays the one the other tests' DeepSpeed
+        # builds used (another ninja's log reads as stale and rebuilds DeepSpeed's CPU op, a minute each time).
+        "PATH": f"{os.environ['PATH']}:{BIN}",
+        "RAY_AUTH_TOKEN_PATH": str(root / "ray_token"),
+        "KDPIPE_STORAGE": str(shared),
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
+        "NUM_CPUS": "1",  # one CPU per node: a stage's 2 workers cannot both fit on one
+        "MLFLOW_WORKERS": "1",
+    }
+    logs = root / "logs"
+    logs.mkdir()
+
+    def start(name: str, argv: list[str], **env: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            argv,
+            env={**node_env, **env},
+            stdout=(logs / f"{name}.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, ended as one below
+        )
+
+    processes = [
+        start(
+            "mlflow",
+            [str(REPO / "cluster/mlflow-server.sh")],
+            MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
+            MLFLOW_PORT=str(mlflow_port),
+        ),
+        start(
+            "head",
+            [str(REPO / "cluster/start-head.sh"), "--block", "--temp-dir", ray_temp],
+            HEAD_IP="127.0.0.1",
+            RAY_PORT=str(ray_port),
+            DASHBOARD_PORT=str(dashboard_port),
+        ),
+    ]
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        token_file = root / "ray_token"
+        wait_for("the head's token", lambda: token_file.is_file() and token_file.read_text().strip(), 60, processes)
+        token = token_file.read_text().strip()
+        headers = {"Authorization": f"Bearer {token}"}
+        wait_for("the dashboard", lambda: requests.get(f"{dashboard}/api/version", headers=headers).ok, 120, processes)
+        processes.append(
+            start(
+                "worker",
+                [str(REPO / "cluster/start-worker.sh"), f"127.0.0.1:{ray_port}", "--block"],
+                NODE_IP="127.0.0.1",
+            )
+        )
+        client_env = {**node_env, "HOME": str(root)}  # no ~/.ray/auth_token of this machine's user
+        found = Cluster(dashboard, f"http://127.0.0.1:{mlflow_port}", token, client_env)
+        wait_for("the second node", lambda: len(found.node_ids()) == 2, 120, processes)
+        wait_for("mlflow server", lambda: requests.get(f"{found.mlflow}/health").ok, 120, processes)
+        yield found
+    finally:
+        for process in processes:  # `ray start --block` spawns a reaper: its node's processes die with it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture()
+def mlflow_login(cluster, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+    return Tracker(cluster.mlflow)
+
+
+def small_quickstart(path: Path) -> Path:
+    """jobs/quickstart.yaml made small for the test's 2 cores: its teacher (2 epochs, room to stop the job between
+    checkpoints) and a student learning from it; its relative paths stay relative (to the cluster's storage)."""
+    job = yaml.safe_load((REPO / "jobs/quickstart.yaml").read_text())
+    job["data"].update(train_size=512, val_size=128, batch_size=32, loader_workers=0)
+    teacher, student = job["stages"][0], job["stages"][-1]
+    student["teachers"] = [teacher["name"]]
+    job["stages"] = [teacher, student]
+    for stage, epochs in zip(job["stages"], (2, 1), strict=True):
+        stage.update(epochs=epochs, workers={"count": 2, "placement": "SPREAD"})
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def stage_runs(tracker: Tracker, stage: str) -> list:
+    experiment = tracker.client.get_experiment_by_name("kdpipe")
+    if experiment is None:
+        return []
+    return tracker.client.search_runs([experiment.experiment_id], f"tags.`{TAG_STAGE}` = '{stage}'")
+
+
+def test_submit_stop_and_resubmit_resumes_on_two_nodes(cluster, mlflow_login, tmp_path):
+    job = small_quickstart(tmp_path / "quickstart.yaml")
+    submit = ["submit", str(job), "--address", cluster.dashboard, "--tracking-uri", cluster.mlflow]
+    first = cluster.kdpipe(*submit)
+    assert first.returncode == 0, first.stderr
+    first_id = first.stdout.strip()
+
+    # Stop the job once the teacher (2 epochs) has saved its first checkpoint in MLflow.
+    deadline = time.monotonic() + 400
+    while not any(mlflow_login.checkpoints(run.info.run_id) for run in stage_runs(mlflow_login, "teacher")):
+        assert time.monotonic() < deadline, cluster.kdpipe("logs", first_id, "--address", cluster.dashboard).stdout
+        time.sleep(1)
+    stopped = cluster.kdpipe("stop", first_id, "--address", cluster.dashboard)
+    assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    (interrupted,) = stage_runs(mlflow_login, "teacher")
+    assert interrupted.info.status == "RUNNING"  # its driver was stopped: nobody closed it
+    assert stage_runs(mlflow_login, "student") == []
+
+    second = cluster.kdpipe(*submit)
+    assert second.returncode == 0, second.stderr
+    second_id = second.stdout.strip()
+    followed = cluster.kdpipe("logs", "--follow", second_id, "--address", cluster.dashboard, timeout=400)
+    assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr
+    assert f"{second_id}: SUCCEEDED" in followed.stderr
+    table = {line.split("│")[1].strip(): line for line in followed.stdout.splitlines() if line.count("│") > 4}
+    assert "done (resumed)" in table["teacher"] and "done" in table["student"]
+
+    # The same teacher run was continued from its checkpoint, and each stage has exactly one finished run.
+    runs = {stage: stage_runs(mlflow_login, stage) for stage in ("teacher", "student")}
+    assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in runs.values())
+    assert runs["teacher"][0].info.run_id == interrupted.info.run_id
+    assert TAG_RESUMED in runs["teacher"][0].data.tags
+    # Each stage's 2 workers ran on the 2 different nodes of the cluster.
+    nodes = cluster.node_ids()
+    for stage, (run,) in runs.items():
+        ranks = {run.data.tags[f"{TAG_NODE}.{rank}"] for rank in (0, 1)}
+        assert ranks == nodes, (stage, ranks, nodes)
+
+    listed = cluster.kdpipe("jobs", "--address", cluster.dashboard).stdout
+    assert first_id in listed and "STOPPED" in listed and second_id in listed and "SUCCEEDED" in listed
+
+
+def test_a_client_without_the_token_or_with_a_wrong_one_is_refused(cluster, tmp_path):
+    jobs_api = f"{cluster.dashboard}/api/jobs/"
+    assert requests.get(jobs_api, timeout=10).status_code == 401
+    assert requests.get(jobs_api, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 403
+    assert requests.get(jobs_api, headers={"Authorization": f"Bearer {cluster.token}"}, timeout=10).ok
+    job = small_quickstart(tmp_path / "quickstart.yaml")
+    no_token = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_TOKEN_PATH"}  # and HOME has none
+    for env, sent in ((no_token, "no token"), ({**cluster.env, "RAY_AUTH_TOKEN": "0" * 64}, "RAY_AUTH_TOKEN")):
+        refused = cluster.kdpipe("submit", str(job), "--address", cluster.dashboard, env=env)
+        assert refused.returncode == 2
+        assert refused.stdout == "" and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "refused" in refused.stderr and sent in refused.stderr and "Traceback" not in refused.stderr
+    # MLflow's own authentication is on too: no login, no runs.
+    search = f"{cluster.mlflow}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(search, timeout=10).status_code == 401
+    assert requests.get(search, auth=("admin", ADMIN_PASSWORD), timeout=10).ok
