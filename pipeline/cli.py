@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         "decodes, its sample count and sha256 as the manifest says. Prints one line per bad shard; exit 2 if any.",
     )
     verify.add_argument("out", type=Path, help="a folder written by 'kdpipe data shard'")
+    commands.add_parser(
+        "methods",
+        help="list the distillation methods, their parameters and papers",
+        description="Every method a stage's 'method' may name: its parameters ('params' in the job file) with "
+        "their defaults, how many teachers it takes, and the paper it implements.",
+    )
     add_cluster_commands(commands)
     return parser
 
@@ -160,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "jobs": cmd_jobs,
             "logs": cmd_logs,
             "stop": cmd_stop,
+            "methods": cmd_methods,
         }
         if args.command in ("validate", "run", "status"):
             enter_storage(args)
@@ -330,6 +337,25 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{row.seconds:.0f}s" if row.seconds is not None else "-",
             row.run_id or "-",
         )
+    print_table(table)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from pipeline.methods import METHODS
+
+    table = Table(title="kdpipe methods", show_lines=True)
+    for column in ("method", "teachers", "params (default)", "paper"):
+        table.add_column(column, overflow="fold")
+    for name, method in sorted(METHODS.items()):
+        high = method.max_teachers
+        teachers = f"{method.min_teachers}+" if high is None else str(high if high == method.min_teachers else "")
+        teachers = teachers or f"{method.min_teachers}-{high}"
+        params = "\n".join(
+            f"{key} = {field.get_default(call_default_factory=True)!r}"
+            for key, field in method.Params.model_fields.items()
+        )
+        table.add_row(name, teachers, params or "-", method.paper)
     print_table(table)
     return 0
 

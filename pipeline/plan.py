@@ -72,7 +72,11 @@ def plan_job(job: JobSpec) -> Plan:
         if count < low or (high is not None and count > high):
             wanted = f"at least {low}" if high is None else (f"{low}" if low == high else f"{low} to {high}")
             raise UserError(f"{where}.teachers: method '{method.name}' takes {wanted} teacher(s), got {count}")
-        stages[stage.name] = PlannedStage(stage, parse_params(method, stage.params, f"{where}.params"))
+        params = parse_params(method, stage.params, f"{where}.params")
+        problem = method.check(params, count)
+        if problem:
+            raise UserError(f"{where}.params.{problem}")
+        stages[stage.name] = PlannedStage(stage, params)
     return Plan(job, order, stages)
 
 

@@ -113,6 +113,18 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: torch.dtype
     return {"val/top1": totals[0].item() / count, f"val/top{k}": totals[1].item() / count}
 
 
+def plot_method_metrics(tracker: Tracker, run_id: str, stage: StageSpec, current: dict[str, float]) -> None:
+    """The method's per-epoch values (a schedule, learned weights) so far, as `plots/<method>.png` in the run."""
+    if not current:
+        return
+    from pipeline.plots import plot_per_epoch  # matplotlib: only for the methods that plot
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{stage.method}.png"
+        plot_per_epoch(tracker.metric_history(run_id, sorted(current)), f"{stage.name}: {stage.method}", path)
+        tracker.log_artifact(run_id, path, "plots")
+
+
 def all_ranks_sum(count: int, device: torch.device) -> int:
     total = torch.tensor(count, dtype=torch.int64, device=device)
     dist.all_reduce(total)
@@ -221,7 +233,9 @@ def stage_loop(config: dict) -> None:
     teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]
     if rank == 0 and teachers:
         log_teacher_probe(tracker, task.run_id, task.teachers, teachers, data.val_batches(), device, dtype)
-    method = method_cls(student, teachers, method_cls.Params.model_validate(stage.params))
+    params = method_cls.Params.model_validate(stage.params)
+    setting = {"model": stage.model, "num_classes": data.num_classes, "image_size": task.reading.image_size}
+    method = method_cls(student, teachers, params, **setting)
     optimizer = build_optimizer(stage.optimizer, [p for p in method.parameters() if p.requires_grad])
     engine, optimizer, _, _ = deepspeed.initialize(
         model=method, optimizer=optimizer, config=deepspeed_config(stage, task.reading.batch_size, world)
@@ -233,6 +247,7 @@ def stage_loop(config: dict) -> None:
 
     for epoch in range(position.epoch, stage.epochs):
         started = time.perf_counter()
+        engine.module.set_epoch(epoch)
         engine.train()
         steps = data.steps_per_epoch(epoch)
         first = position.step if epoch == position.epoch else 0
@@ -266,11 +281,16 @@ def stage_loop(config: dict) -> None:
         engine.eval()
         metrics = {f"train/{name}": float(value) / max(steps, 1) for name, value in sums.items()}
         metrics.update(evaluate(engine.module.student, data.val_batches(), device, dtype, data.num_classes))
+        for peer, (_, network) in engine.module.peers().items():
+            scores = evaluate(network, data.val_batches(), device, dtype, data.num_classes)
+            metrics.update({key.replace("val/", f"val/{peer}/"): value for key, value in scores.items()})
+        metrics.update(engine.module.epoch_metrics())
         metrics["data/skipped"] = all_ranks_sum(data.skipped, device)
         end_lr = base_lrs[0] * lr_factor(stage.schedule, epoch + 1, stage.epochs)
         metrics.update({"lr": end_lr, "epoch_seconds": time.perf_counter() - started, "global_step": global_step})
         if rank == 0:
             tracker.log_metrics(task.run_id, metrics, step=epoch)
+            plot_method_metrics(tracker, task.run_id, stage, engine.module.epoch_metrics())
         position = Position(epoch + 1, 0, global_step)
         save_checkpoint(task, tracker, engine.module, optimizer, position, rank, {"epoch": epoch, **metrics})
         clock.saved(global_step)
@@ -278,6 +298,8 @@ def stage_loop(config: dict) -> None:
             top1 = metrics["val/top1"]
             report_progress(task.job, stage.name, epoch=epoch + 1, epochs=stage.epochs, step=0, steps=1, top1=top1)
     if rank == 0:  # after the loop: a stage resumed from its very last checkpoint still stores its weights
-        with tempfile.TemporaryDirectory() as folder:
-            save_weights(engine.module.student, stage.model, data.num_classes, Path(folder))
-            tracker.log_weights(task.run_id, Path(folder))
+        networks = {"": (stage.model, engine.module.student), **engine.module.peers()}
+        for peer, (model, network) in networks.items():
+            with tempfile.TemporaryDirectory() as folder:
+                save_weights(network, model, data.num_classes, Path(folder))
+                tracker.log_weights(task.run_id, Path(folder), peer)

@@ -30,6 +30,7 @@ WEIGHTS_DIR, CHECKPOINTS_DIR = "weights", "checkpoints"
 TAG_KIND, TAG_JOB, TAG_STAGE, TAG_FINGERPRINT = "kdpipe.kind", "kdpipe.job", "kdpipe.stage", "kdpipe.fingerprint"
 TAG_TEACHER = "kdpipe.teacher"  # kdpipe.teacher.<stage> = the MLflow run whose weights this stage learned from
 TAG_CHECKPOINT, TAG_RESUMED = "kdpipe.checkpoint", "kdpipe.resumed_from"
+PEERS_DIR = "peers"  # peers/<name>/: weights of networks trained beside the student (DML, DCM)
 TAG_NODE = "kdpipe.node"  # kdpipe.node.<rank> = the Ray node id that rank of the stage ran on
 
 # kdpipe prints its own table of run ids; MLflow's per-run "View run at" lines would break into the progress bars.
@@ -207,8 +208,13 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path, folder: str) -> None:
         self.client.log_artifact(run_id, str(path), folder)
 
-    def log_weights(self, run_id: str, folder: Path) -> None:
-        self.client.log_artifacts(run_id, str(folder), WEIGHTS_DIR)
+    def log_weights(self, run_id: str, folder: Path, peer: str = "") -> None:
+        """The stage's final weights, or (`peer`) those of a network trained beside its student."""
+        self.client.log_artifacts(run_id, str(folder), f"{PEERS_DIR}/{peer}" if peer else WEIGHTS_DIR)
+
+    def metric_history(self, run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+        """Every logged (step, value) of each metric: the epochs of an interrupted and resumed run included."""
+        return {key: [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)] for key in keys}
 
     @contextlib.contextmanager
     def downloaded_weights(self, run_id: str) -> Iterator[Path]:

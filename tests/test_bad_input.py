@@ -51,6 +51,27 @@ CASES = {
         edit(lambda j: j["stages"][1].update(params={"temperature": -1})),
         ["stages[1].params.temperature", "greater than 0"],
     ),
+    "unknown param of a seed method": (
+        edit(lambda j: j["stages"][1].update(method="infoflow", params={"critial_weight": 50})),
+        ["stages[1].params.critial_weight", "method 'infoflow'", "critical_weight"],
+    ),
+    "unknown distillation path": (
+        edit(lambda j: j["stages"][1].update(method="adaptive", params={"paths": ["at", "crd"]})),
+        ["stages[1].params.paths.1", "'crd'"],
+    ),
+    "weight of a path not taken": (
+        edit(lambda j: j["stages"][1].update(method="adaptive", params={"paths": ["at"], "weights": {"st": 2}})),
+        ["stages[1].params.weights", "st"],
+    ),
+    "dgkd dropping every teacher": (
+        edit(
+            lambda j: j["stages"].append(
+                {**j["stages"][1], "name": "last", "teachers": ["teacher", "student"], "method": "dgkd"}
+                | {"params": {"drop_prob": 0.7}}
+            )
+        ),
+        ["stages[2].params.drop_prob", "never all"],
+    ),
     "kd without teacher": (edit(lambda j: j["stages"][1].update(teachers=[])), ["stages[1].teachers", "'kd'"]),
     "missing required field": (edit(lambda j: j["stages"][0].pop("model")), ["stages[0].model", "missing"]),
     "not a mapping": ("- just\n- a list\n", ["mapping"]),

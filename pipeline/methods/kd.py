@@ -2,7 +2,7 @@
 
 Implements `L = ce_weight * CE(zs, y) + kd_weight * T^2 * KL(softmax(zt/T) || softmax(zs/T))` with KL summed over
 classes and averaged over the batch (`batchmean`, as RepDistiller and mdistiller). The T^2 factor keeps gradient
-magnitudes comparable across temperatures (paper, section 2).
+magnitudes comparable across temperatures (the paper's section on distillation).
 
 Defaults T=4, ce_weight=0.1, kd_weight=0.9 are RepDistiller's CIFAR-100 KD settings (methods reference, section 2).
 With several teachers (a choice the paper leaves open) the KD term is the mean over teachers, so the loss scale
@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat
+from pydantic import NonNegativeFloat, PositiveFloat
 
-from pipeline.methods.base import Method
+from pipeline.methods.base import Method, Params
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL_batchmean(softmax(zt/T) || softmax(zs/T))."""
+    """T^2 * KL_batchmean(softmax(zt/T) || softmax(zs/T)): KL summed over classes, averaged over the batch."""
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
 
-class KDParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class KDParams(Params):
     temperature: PositiveFloat = 4.0
     ce_weight: NonNegativeFloat = 0.1
     kd_weight: NonNegativeFloat = 0.9
