@@ -348,9 +348,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for column in ("method", "teachers", "params (default)", "paper"):
         table.add_column(column, overflow="fold")
     for name, method in sorted(METHODS.items()):
-        high = method.max_teachers
-        teachers = f"{method.min_teachers}+" if high is None else str(high if high == method.min_teachers else "")
-        teachers = teachers or f"{method.min_teachers}-{high}"
+        low, high = method.min_teachers, method.max_teachers
+        teachers = f"{low}+" if high is None else str(low) if low == high else f"{low}-{high}"
         params = "\n".join(
             f"{key} = {field.get_default(call_default_factory=True)!r}"
             for key, field in method.Params.model_fields.items()

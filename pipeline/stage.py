@@ -284,13 +284,14 @@ def stage_loop(config: dict) -> None:
         for peer, (_, network) in engine.module.peers().items():
             scores = evaluate(network, data.val_batches(), device, dtype, data.num_classes)
             metrics.update({key.replace("val/", f"val/{peer}/"): value for key, value in scores.items()})
-        metrics.update(engine.module.epoch_metrics())
+        method_values = engine.module.epoch_metrics()
+        metrics.update(method_values)
         metrics["data/skipped"] = all_ranks_sum(data.skipped, device)
         end_lr = base_lrs[0] * lr_factor(stage.schedule, epoch + 1, stage.epochs)
         metrics.update({"lr": end_lr, "epoch_seconds": time.perf_counter() - started, "global_step": global_step})
         if rank == 0:
             tracker.log_metrics(task.run_id, metrics, step=epoch)
-            plot_method_metrics(tracker, task.run_id, stage, engine.module.epoch_metrics())
+            plot_method_metrics(tracker, task.run_id, stage, method_values)
         position = Position(epoch + 1, 0, global_step)
         save_checkpoint(task, tracker, engine.module, optimizer, position, rank, {"epoch": epoch, **metrics})
         clock.saved(global_step)

@@ -253,7 +253,7 @@ def test_dml_method_sums_each_peers_ce_and_kl():
     assert losses["kl_peer1"].item() == pytest.approx(kl_back, rel=1e-9)
 
 
-def test_dcm_smoothed_kl_and_its_eighteen_cross_network_terms():
+def test_dcm_smoothed_kl_matches_formula_and_worked_example():
     classes, eps = 3, 1e-8
     p = (softmax(np.array(ZT)) + eps) / (1 + classes * eps)
     q = (softmax(np.array(ZS)) + eps) / (1 + classes * eps)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, PositiveFloat
 from torch import nn
 
-from pipeline.methods.at import at_loss, paired_nodes
+from pipeline.methods.at import at_loss, stage_pairs
 from pipeline.methods.base import Method, Params
 from pipeline.methods.kd import kd_loss
 from pipeline.models.features import Connector
@@ -92,8 +92,7 @@ class Adaptive(Method):
         self.pairs: list[tuple[str, str]] = []
         self.connectors = nn.ModuleList()
         if set(params.paths) & set(FEATURE_PATHS):
-            nodes = paired_nodes(params.student_nodes, params.teacher_nodes, student, self.teachers[0], self.image_size)
-            self.pairs = list(zip(*nodes, strict=True))
+            self.pairs = stage_pairs(params, student, self.teachers[0], self.image_size)
             s_shapes = self.tap("student", student, [s for s, _ in self.pairs])
             t_shapes = self.tap("teacher", self.teachers[0], [t for _, t in self.pairs])
             if set(params.paths) & {"nst", "fm"}:  # AT compares the raw maps

@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, PositiveFloat
+from torch import nn
 
 from pipeline.methods.base import Method, Params
-from pipeline.models.features import same_size, stage_nodes
+from pipeline.models.features import pair_deepest, same_size, stage_nodes
 
 
 def attention(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -30,14 +31,12 @@ def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0) -> tor
     return (attention(student, p) - attention(teacher, p)).pow(2).mean()
 
 
-def paired_nodes(
-    student: list[str] | None, teacher: list[str] | None, student_model, teacher_model, image_size: int
-) -> tuple[list[str], list[str]]:
-    """The job file's nodes, or each model's stage outputs; with unequal counts, the deepest are paired."""
-    student = student or stage_nodes(student_model, image_size)
-    teacher = teacher or stage_nodes(teacher_model, image_size)
-    count = min(len(student), len(teacher))
-    return student[len(student) - count :], teacher[len(teacher) - count :]
+def stage_pairs(params, student: nn.Module, teacher: nn.Module, image_size: int) -> list[tuple[str, str]]:
+    """The job file's `student_nodes`/`teacher_nodes`, or each model's stage outputs, paired from the deepest."""
+    return pair_deepest(
+        params.student_nodes or stage_nodes(student, image_size),
+        params.teacher_nodes or stage_nodes(teacher, image_size),
+    )
 
 
 class ATParams(Params):
@@ -56,12 +55,7 @@ class AT(Method):
 
     def __init__(self, student, teachers, params: ATParams, **setting):
         super().__init__(student, teachers, params, **setting)
-        self.pairs = list(
-            zip(
-                *paired_nodes(params.student_nodes, params.teacher_nodes, student, self.teachers[0], self.image_size),
-                strict=True,
-            )
-        )
+        self.pairs = stage_pairs(params, student, self.teachers[0], self.image_size)
         self.tap("student", student, [s for s, _ in self.pairs])
         self.tap("teacher", self.teachers[0], [t for _, t in self.pairs])
 

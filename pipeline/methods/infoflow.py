@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
 
 from pipeline.methods.base import Method, Params
-from pipeline.models.features import POOLED, stage_nodes
+from pipeline.models.features import POOLED, pair_deepest, stage_nodes
 
 KERNEL_EPS = 1e-6
 MAX_MAP = 4  # maps are pooled to at most this size before their B x B kernels are built
@@ -112,10 +112,10 @@ class InfoFlow(Method):
     def __init__(self, student, teachers, params: InfoFlowParams, **setting):
         super().__init__(student, teachers, params, **setting)
         proxy = self.teachers[0]
-        student_nodes = params.student_nodes or [*stage_nodes(student, self.image_size), POOLED]
-        teacher_nodes = params.teacher_nodes or [*stage_nodes(proxy, self.image_size), POOLED]
-        count = min(len(student_nodes), len(teacher_nodes))
-        self.pairs = list(zip(student_nodes[-count:], teacher_nodes[-count:], strict=True))
+        self.pairs = pair_deepest(
+            params.student_nodes or [*stage_nodes(student, self.image_size), POOLED],
+            params.teacher_nodes or [*stage_nodes(proxy, self.image_size), POOLED],
+        )
         self.tap("student", student, [s for s, _ in self.pairs])
         self.tap("teacher", proxy, [t for _, t in self.pairs])
 

@@ -29,22 +29,21 @@ def stage_nodes(model: nn.Module, image_size: int) -> list[str]:
     if isinstance(features, nn.Sequential):
         last_at_size: dict[int, str] = {}
         x = torch.zeros(1, 3, image_size, image_size)
+        was_training = features.training  # a frozen teacher stays in eval mode
         with torch.no_grad():
             for index, block in enumerate(features.eval()):
                 x = block(x)
                 last_at_size[x.shape[-1]] = f"features.{index}"
-        features.train()
+        features.train(was_training)
         return list(last_at_size.values())[1:]  # the first is the stem's: too early to carry knowledge
     raise ValueError(f"no default feature nodes for {type(model).__name__}; name them in the job file")
 
 
-def check_nodes(model: nn.Module, nodes: list[str]) -> None:
-    """Raise ValueError naming the first node the model does not have, with a few it does."""
-    train_nodes, _ = get_graph_node_names(model)
-    for node in nodes:
-        if node not in train_nodes:
-            hint = ", ".join(n for n in train_nodes if n.count(".") <= 1)[:300]
-            raise ValueError(f"node '{node}' is not in {type(model).__name__}; it has e.g.: {hint}")
+def pair_deepest(student: list[str], teacher: list[str]) -> list[tuple[str, str]]:
+    """Student and teacher taps paired in order; with unequal counts the deepest are paired, a choice the papers
+    (which compare networks of one family) leave open."""
+    count = min(len(student), len(teacher))
+    return list(zip(student[len(student) - count :], teacher[len(teacher) - count :], strict=True))
 
 
 class Taps(nn.Module):
@@ -63,7 +62,6 @@ class Taps(nn.Module):
             train_return_nodes={**outputs, train_nodes[-1]: "logits"},
             eval_return_nodes={**outputs, eval_nodes[-1]: "logits"},
         )
-        self.nodes = list(nodes)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.graph(images)
