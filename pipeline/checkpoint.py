@@ -15,14 +15,19 @@ The same folder goes to Ray Train (worker restarts within a run) and to the stag
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-POSITION, MODEL = "position.json", "model.safetensors"
+from pipeline.spec import CheckpointSpec
+
+POSITION, MODEL = "position.json", "model.safetensors"  # the position file marks a checkpoint complete
+CLOCK_CHECK_STEPS = 10  # how often ranks agree on whether a time-based checkpoint is due (a small collective)
 # ZeRO stages 1-2 keep the fp32 master copy of this rank's parameter partition outside the model.
 MASTER_WEIGHTS = "single_partition_of_fp32_groups"
 
@@ -85,3 +90,26 @@ def read_state(folder: Path, module: nn.Module, optimizer, rank: int, device: to
     if torch.cuda.is_available() and state["cuda_rng"].numel():
         torch.cuda.set_rng_state(state["cuda_rng"].cpu())
     return read_position(folder)
+
+
+class CheckpointClock:
+    """When the next mid-epoch checkpoint is due, decided the same way on every rank (all of them must save)."""
+
+    def __init__(self, spec: CheckpointSpec, global_step: int, device: torch.device):
+        self.spec, self.device = spec, device
+        self.saved(global_step)
+
+    def saved(self, global_step: int) -> None:
+        self.last_step, self.last_time = global_step, time.monotonic()
+
+    def due(self, global_step: int) -> bool:
+        if self.spec.every_steps and global_step - self.last_step >= self.spec.every_steps:
+            return True
+        if not self.spec.every_minutes or global_step % CLOCK_CHECK_STEPS:
+            return False
+        # Ranks' clocks differ; rank 0's decides, at a step every rank reaches.
+        late = time.monotonic() - self.last_time >= 60 * self.spec.every_minutes
+        flag = torch.tensor([int(late)], device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(flag, 0)
+        return bool(flag.item())

@@ -6,6 +6,7 @@ Every user mistake surfaces as a `UserError`, caught once here: one line on stde
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -177,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    finally:
+        # The interpreter's last garbage collection walks every object torch and MLflow made at import (over a
+        # second); whatever the command left behind is freed at exit by reference counting anyway.
+        gc.freeze()
 
 
 def enter_storage(args: argparse.Namespace) -> None:

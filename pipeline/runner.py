@@ -14,20 +14,18 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.fs
-import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-
-from pipeline.data import prepare_data
-from pipeline.data.loaders import steps_per_epoch
+from pipeline import artifacts
+from pipeline.data import prepare_data, steps_per_epoch
 from pipeline.plan import Plan
-from pipeline.progress import open_board
 from pipeline.spec import CheckpointSpec, WorkersSpec
-from pipeline.stage import StageTask, TeacherRef, stage_loop
+from pipeline.task import StageTask, TeacherRef, run_stage
 from pipeline.tracking import Tracker, TrackingError
 
 POLL_SECONDS = 2.0  # how often the driver looks at stages and progress: every poll takes CPU from training
+# Ray Train's controller polls its workers every 2 s by default, so a stage's start and end each wait up to a poll;
+# its preemption watcher (one more actor process per stage) only logs a node's drain notice, which a kdpipe stage
+# survives through its checkpoints anyway. Both are Ray Train's own settings (set in the environment to change).
+RAY_TRAIN_SETTINGS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @dataclass
@@ -54,6 +52,10 @@ def ensure_ray(verbose: bool) -> None:
 
     The driver's MLFLOW_* settings (credentials, timeouts, retries) go to every worker: they log to MLflow too.
     """
+    import ray
+
+    for key, value in RAY_TRAIN_SETTINGS.items():
+        os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -86,15 +88,20 @@ def storage_path(workdir: str) -> str:
 
 def storage_holds(storage: str, name: str) -> bool:
     """Whether Ray Train's storage has a run folder `name`, on a local disk or in a bucket."""
+    import pyarrow.fs
+
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage)
     return filesystem.get_file_info(f"{root}/{name}").type == pyarrow.fs.FileType.Directory
 
 
 def launch_stage(task: StageTask, workers: WorkersSpec, storage: str, checkpointing: CheckpointSpec) -> None:
     """One stage as one Ray Train run; raises if it failed."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     use_gpu = workers.gpus > 0
     trainer = TorchTrainer(
-        stage_loop,
+        run_stage,
         train_loop_config={"task": task},
         scaling_config=ScalingConfig(
             num_workers=workers.count,
@@ -140,7 +147,16 @@ def run_job(
     for name in plan.order:
         if name not in forced:
             find_earlier_run(tracker, experiment, parent, outcomes[name], job.name, storage)
+    if all(o.status == "reused" for o in outcomes.values()):  # nothing to train: no Ray to start
+        if on_poll:
+            on_poll(outcomes, {})
+        tracker.finish(parent)
+        return outcomes
     ensure_ray(verbose)
+    import ray
+
+    from pipeline.progress import open_board
+
     board = open_board(job.name)
     capacity = ray.cluster_resources()
     free = [capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)]
@@ -150,7 +166,7 @@ def run_job(
         stage = plan.stages[name]
         outcome = outcomes[name]
         workers = stage.spec.workers.count
-        if steps_per_epoch(data, job.data, workers) == 0:
+        if steps_per_epoch(data, job.data.batch_size, workers) == 0:
             outcome.status = "failed"
             outcome.error = (
                 f"data: the training split gives no full batch of {job.data.batch_size} per worker with "
@@ -235,7 +251,7 @@ def find_earlier_run(
 ) -> None:
     """Reuse a finished run of this exact stage (same fingerprint), or resume an interrupted one that left a
     checkpoint (in MLflow, or in Ray Train's storage); otherwise the stage trains from scratch."""
-    found = tracker.find_finished_stage(experiment, outcome.fingerprint)
+    found = tracker.find_finished_stage(experiment, outcome.fingerprint, artifacts.FINAL_WEIGHTS)
     if found:
         outcome.status, (outcome.run_id, outcome.metrics) = "reused", found
         tracker.set_tags(parent, {f"kdpipe.reused.{outcome.name}": outcome.run_id})
@@ -244,7 +260,7 @@ def find_earlier_run(
     if interrupted is None:
         return
     run_id = interrupted.info.run_id
-    if tracker.checkpoints(run_id) or storage_holds(storage, ray_run_name(job, outcome.name, run_id)):
+    if artifacts.stored_checkpoints(tracker, run_id) or storage_holds(storage, ray_run_name(job, outcome.name, run_id)):
         outcome.run_id, outcome.resumed = run_id, True
 
 

@@ -48,6 +48,11 @@ class DataSpec(Strict):
     image_size: PositiveInt = Field(32, description="side of the square images the models see")
     train_size: PositiveInt = Field(2000, description="synthetic: training images")
     val_size: PositiveInt = Field(500, description="synthetic: held-out images")
+    train_subset: PositiveInt | None = Field(
+        None,
+        description="cifar, fashion-mnist: train on the first N training samples only (their files are in a "
+        "shuffled order); part of the data's identity",
+    )
     shard_size: PositiveInt = Field(500, description="synthetic: samples per tar shard")
     batch_size: PositiveInt = Field(64, description="samples per worker per step")
     augment: bool = Field(True, description="random crop and flip for training (off: evaluation transforms)")
@@ -65,6 +70,8 @@ class DataSpec(Strict):
             raise ValueError(f"data.path is required for source '{self.source}'")
         if self.source == "cifar" and self.classes not in (10, 100):
             raise ValueError("data.classes must be 10 or 100 for source 'cifar'")
+        if self.train_subset and self.source not in ("cifar", "fashion-mnist"):
+            raise ValueError(f"data.train_subset: only for sources cifar and fashion-mnist, not '{self.source}'")
         if self.path and is_url(self.path):
             if self.path.split(":", 1)[0] not in URL_SCHEMES:
                 # webdataset runs pipe: URLs through a shell; nothing from a job file goes to a shell
@@ -132,6 +139,15 @@ class StageSpec(Strict):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
+
+    @model_validator(mode="after")
+    def _fp16_needs_a_gpu(self) -> StageSpec:
+        if self.deepspeed.precision == "fp16" and not self.workers.gpus:
+            raise ValueError(
+                "deepspeed.precision: fp16 needs GPU workers (workers.gpus > 0), DeepSpeed has none on CPU; "
+                "use bf16 or fp32"
+            )
+        return self
 
 
 class CheckpointSpec(Strict):

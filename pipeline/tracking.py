@@ -1,5 +1,6 @@
 """Every MLflow call kdpipe makes: a parent run per pipeline run, a nested run per stage, params, per-epoch
-metrics, fingerprint tags and the final weights artifact. The reuse and resume rules live here, in one place.
+metrics, fingerprint tags, and artifacts moved as files and folders. The reuse and resume rules live here, in one
+place; what the artifacts are is `pipeline.artifacts`'s business, not this module's.
 
 Runs are addressed through an explicit `MlflowClient`, never MLflow's global "active run", so the driver and every
 Ray worker can log to the same run at once.
@@ -22,15 +23,11 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from pipeline.checkpoint import MODEL, POSITION, rank_file
 from pipeline.errors import UserError
-from pipeline.models import WEIGHTS_FILE
 
-WEIGHTS_DIR, CHECKPOINTS_DIR = "weights", "checkpoints"
 TAG_KIND, TAG_JOB, TAG_STAGE, TAG_FINGERPRINT = "kdpipe.kind", "kdpipe.job", "kdpipe.stage", "kdpipe.fingerprint"
 TAG_TEACHER = "kdpipe.teacher"  # kdpipe.teacher.<stage> = the MLflow run whose weights this stage learned from
 TAG_CHECKPOINT, TAG_RESUMED = "kdpipe.checkpoint", "kdpipe.resumed_from"
-PEERS_DIR = "peers"  # peers/<name>/: weights of networks trained beside the student (DML, DCM)
 TAG_NODE = "kdpipe.node"  # kdpipe.node.<rank> = the Ray node id that rank of the stage ran on
 
 # kdpipe prints its own table of run ids; MLflow's per-run "View run at" lines would break into the progress bars.
@@ -125,11 +122,14 @@ class Tracker:
         self.client.log_batch(run.info.run_id, params=params)
         return run.info.run_id
 
-    def find_finished_stage(self, experiment_id: str, fingerprint: str) -> tuple[str, dict[str, float]] | None:
-        """The newest FINISHED stage run with this fingerprint whose final weights are stored, and its last metrics.
+    def find_finished_stage(
+        self, experiment_id: str, fingerprint: str, result: str
+    ) -> tuple[str, dict[str, float]] | None:
+        """The newest FINISHED stage run with this fingerprint that holds the artifact `result` (its final weights),
+        and its last metrics.
 
-        This is the reuse rule: a fingerprint names a stage's config, its teachers and its data, so such a run is
-        exactly what training the stage again would produce (up to nondeterminism).
+        This is the reuse rule: a fingerprint names everything a stage learns from, so such a run is exactly what
+        training the stage again would produce (up to nondeterminism).
         """
         runs = self.client.search_runs(
             [experiment_id],
@@ -137,8 +137,7 @@ class Tracker:
             order_by=["attributes.start_time DESC"],
         )
         for run in runs:
-            stored = {a.path for a in self.client.list_artifacts(run.info.run_id, WEIGHTS_DIR)}
-            if f"{WEIGHTS_DIR}/{WEIGHTS_FILE}" in stored:
+            if self.holds(run.info.run_id, result):
                 return run.info.run_id, dict(run.data.metrics)
         return None
 
@@ -162,37 +161,43 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         self.set_tags(parent_id, {f"kdpipe.resumed.{stage}": run_id})
 
-    def log_checkpoint(self, run_id: str, files: list[Path], name: str) -> None:
-        for path in files:
-            self.client.log_artifact(run_id, str(path), f"{CHECKPOINTS_DIR}/{name}")
+    def holds(self, run_id: str, path: str) -> bool:
+        """Whether the run has the artifact file `path`."""
+        folder = str(Path(path).parent)
+        return path in {a.path for a in self.client.list_artifacts(run_id, None if folder == "." else folder)}
 
-    def checkpoints(self, run_id: str) -> list[str]:
-        """Names of the run's complete checkpoints (rank 0 stores the position file last), oldest first."""
-        names = []
-        for folder in self.client.list_artifacts(run_id, CHECKPOINTS_DIR):
-            if any(a.path.endswith(POSITION) for a in self.client.list_artifacts(run_id, folder.path)):
-                names.append(Path(folder.path).name)
-        return sorted(names)
-
-    def prune_checkpoints(self, run_id: str, keep: int) -> None:
-        """Delete all but the newest `keep` complete checkpoints (and any broken upload older than them)."""
-        kept = self.checkpoints(run_id)[-keep:]
-        stale = [
-            a.path for a in self.client.list_artifacts(run_id, CHECKPOINTS_DIR) if kept and Path(a.path).name < kept[0]
+    def folders_holding(self, run_id: str, parent: str, file: str) -> list[str]:
+        """Names of the folders under `parent` that hold a file named `file`."""
+        return [
+            Path(folder.path).name
+            for folder in self.client.list_artifacts(run_id, parent)
+            if folder.is_dir and self.holds(run_id, f"{folder.path}/{file}")
         ]
-        if stale:
-            with naming_uri(self.uri):
-                artifact_uri = self.client.get_run(run_id).info.artifact_uri
-                # Name the tracking URI: an `mlflow-artifacts:` location is resolved against it, not the global one.
-                repository = get_artifact_repository(artifact_uri, tracking_uri=self.uri)
-                for path in stale:
-                    repository.delete_artifacts(path)
 
-    def download_checkpoint(self, run_id: str, name: str, rank: int) -> Path:
-        """The files one rank needs from a stored checkpoint, in a fresh local folder."""
-        target = tempfile.mkdtemp(prefix="kdpipe-checkpoint-")
-        for file in (POSITION, MODEL, rank_file(rank)):  # a file artifact downloads to target/<its name>
-            self.client.download_artifacts(run_id, f"{CHECKPOINTS_DIR}/{name}/{file}", target)
+    def list_folder(self, run_id: str, folder: str) -> list[str]:
+        """Names of the entries of an artifact folder."""
+        return [Path(a.path).name for a in self.client.list_artifacts(run_id, folder)]
+
+    def log_files(self, run_id: str, files: list[Path], folder: str) -> None:
+        for path in files:
+            self.client.log_artifact(run_id, str(path), folder)
+
+    def log_folder(self, run_id: str, local: Path, folder: str) -> None:
+        self.client.log_artifacts(run_id, str(local), folder)
+
+    def delete_artifacts(self, run_id: str, paths: list[str]) -> None:
+        with naming_uri(self.uri):
+            artifact_uri = self.client.get_run(run_id).info.artifact_uri
+            # Name the tracking URI: an `mlflow-artifacts:` location is resolved against it, not the global one.
+            repository = get_artifact_repository(artifact_uri, tracking_uri=self.uri)
+            for path in paths:
+                repository.delete_artifacts(path)
+
+    def download_files(self, run_id: str, folder: str, names: list[str]) -> Path:
+        """Some files of an artifact folder, in a fresh local folder the caller removes."""
+        target = tempfile.mkdtemp(prefix="kdpipe-artifacts-")
+        for name in names:  # a file artifact downloads to target/<its name>
+            self.client.download_artifacts(run_id, f"{folder}/{name}", target)
         return Path(target)
 
     def latest_metrics(self, run_id: str) -> dict[str, float]:
@@ -205,22 +210,15 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_artifact(self, run_id: str, path: Path, folder: str) -> None:
-        self.client.log_artifact(run_id, str(path), folder)
-
-    def log_weights(self, run_id: str, folder: Path, peer: str = "") -> None:
-        """The stage's final weights, or (`peer`) those of a network trained beside its student."""
-        self.client.log_artifacts(run_id, str(folder), f"{PEERS_DIR}/{peer}" if peer else WEIGHTS_DIR)
-
     def metric_history(self, run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
         """Every logged (step, value) of each metric: the epochs of an interrupted and resumed run included."""
         return {key: [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)] for key in keys}
 
     @contextlib.contextmanager
-    def downloaded_weights(self, run_id: str) -> Iterator[Path]:
-        """The stage's final weights folder, downloaded to a local folder that is removed after the block."""
-        with tempfile.TemporaryDirectory(prefix="kdpipe-weights-") as target:
-            yield Path(self.client.download_artifacts(run_id, WEIGHTS_DIR, target))
+    def downloaded(self, run_id: str, folder: str) -> Iterator[Path]:
+        """An artifact folder, downloaded to a local folder that is removed after the block."""
+        with tempfile.TemporaryDirectory(prefix="kdpipe-artifacts-") as target:
+            yield Path(self.client.download_artifacts(run_id, folder, target))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)

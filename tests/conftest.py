@@ -13,6 +13,16 @@ FASHION_MNIST = SHARED_DATA / "fashion-mnist"
 
 
 @pytest.fixture(scope="session")
+def process_group():
+    """This process as a torch.distributed group of one, as the engine runs outside Ray (no network, no peers)."""
+    import torch
+
+    from pipeline.engine import single_process_group
+
+    single_process_group(torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     import ray
 

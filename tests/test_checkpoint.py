@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
-import pytest
 import torch
-import torch.distributed as dist
 
-from pipeline.checkpoint import MODEL, POSITION, Position, rank_file, read_state, write_state
+from pipeline.checkpoint import (
+    CLOCK_CHECK_STEPS,
+    MODEL,
+    POSITION,
+    CheckpointClock,
+    Position,
+    rank_file,
+    read_state,
+    write_state,
+)
 from pipeline.spec import CheckpointSpec
-from pipeline.stage import CLOCK_CHECK_STEPS, CheckpointClock
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def trained_pair(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -19,6 +19,7 @@ import pytest
 import requests
 import yaml
 
+from pipeline import artifacts
 from pipeline.tracking import TAG_NODE, TAG_RESUMED, TAG_STAGE, Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,6 +157,10 @@ def small_quickstart(path: Path) -> Path:
     return path
 
 
+def teacher_runs(tracker: Tracker) -> list:
+    return stage_runs(tracker, "teacher")
+
+
 def stage_runs(tracker: Tracker, stage: str) -> list:
     experiment = tracker.client.get_experiment_by_name("kdpipe")
     if experiment is None:
@@ -172,7 +177,7 @@ def test_submit_stop_and_resubmit_resumes_on_two_nodes(cluster, mlflow_login, tm
 
     # Stop the job once the teacher (2 epochs) has saved its first checkpoint in MLflow.
     deadline = time.monotonic() + 400
-    while not any(mlflow_login.checkpoints(run.info.run_id) for run in stage_runs(mlflow_login, "teacher")):
+    while not any(artifacts.stored_checkpoints(mlflow_login, run.info.run_id) for run in teacher_runs(mlflow_login)):
         assert time.monotonic() < deadline, cluster.kdpipe("logs", first_id, "--address", cluster.dashboard).stdout
         time.sleep(1)
     stopped = cluster.kdpipe("stop", first_id, "--address", cluster.dashboard)

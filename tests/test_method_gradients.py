@@ -120,7 +120,7 @@ def test_per_epoch_values_are_logged_and_plotted_into_the_run(tmp_path, name, ke
     """What the training loop does at each epoch's end, against a real MLflow store: the method's per-epoch values
     (infoflow's schedule, adaptive's exp(-a)) go in as metrics by epoch and as plots/<method>.png."""
     from pipeline.spec import StageSpec
-    from pipeline.stage import plot_method_metrics
+    from pipeline.stage import RunLog
     from pipeline.tracking import Tracker
 
     method, _, _ = run_method(name, "resnet8", "resnet8")
@@ -132,8 +132,7 @@ def test_per_epoch_values_are_logged_and_plotted_into_the_run(tmp_path, name, ke
         if name == "adaptive":
             with torch.no_grad():
                 method.log_vars.fill_(-0.5 * epoch)  # as if training had moved a
-        tracker.log_metrics(run, method.epoch_metrics(), step=epoch)
-        plot_method_metrics(tracker, run, stage, method.epoch_metrics())
+        RunLog(tracker, run, stage, rank=0).log_epoch(epoch, method.epoch_metrics(), method.epoch_metrics())
     history = [value for _, value in sorted(tracker.metric_history(run, [key])[key])]
     expected = [100 * 0.7**e for e in range(3)] if name == "infoflow" else [1.0, 1.6487213, 2.7182818]
     assert history == pytest.approx(expected, rel=1e-6)

@@ -8,6 +8,7 @@ import mlflow
 import torch
 from safetensors.torch import load_file
 
+from pipeline import artifacts
 from pipeline.models import build_model, load_weights
 from pipeline.runner import run_job
 from pipeline.tracking import Tracker
@@ -53,7 +54,7 @@ def test_student_loaded_its_teachers_trained_weights(finished_chain):
     probe = load_file(
         tracker.client.download_artifacts(student_run.info.run_id, "teachers/probe.safetensors", str(root))
     )
-    with tracker.downloaded_weights(outcomes["assistant"].run_id) as folder:
+    with tracker.downloaded(outcomes["assistant"].run_id, artifacts.WEIGHTS) as folder:
         saved = load_weights(folder).eval()
     with torch.no_grad():
         expected = saved(probe["images"])

@@ -20,6 +20,7 @@ import psutil
 import requests
 import torch
 
+from pipeline import artifacts
 from pipeline.models import load_weights
 from pipeline.plan import load_plan
 from pipeline.runner import ray_run_name, run_job
@@ -54,7 +55,7 @@ def wait_for_checkpoint(
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         for run in stage_runs(tracker, stage):
-            if run.info.run_id not in known and tracker.checkpoints(run.info.run_id):
+            if run.info.run_id not in known and artifacts.stored_checkpoints(tracker, run.info.run_id):
                 return run.info.run_id
         assert process is None or process.poll() is None, "the driver ended before the stage saved a checkpoint"
         time.sleep(0.3)
@@ -92,7 +93,7 @@ def test_driver_killed_mid_stage_resumes_from_its_mlflow_checkpoint(ray_local, f
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     wait_until_workers_exit()
-    stored = tracker.checkpoints(assistant)
+    stored = artifacts.stored_checkpoints(tracker, assistant)
     epochs = CHAIN[1]["epochs"]
     assert 0 < int(stored[-1].split("-")[-1]) < epochs * CHAIN_STEPS_PER_EPOCH
     assert len(stored) <= CHECKPOINTING["keep"]
@@ -137,7 +138,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_the_same_run(ray_l
     thread = threading.Thread(target=lambda: result.update(run_job(plan)))
     thread.start()
     run_id = wait_for_checkpoint(tracker, "solo")
-    latest = tracker.checkpoints(run_id)[-1]
+    latest = artifacts.stored_checkpoints(tracker, run_id)[-1]
     train_workers()[0].send_signal(signal.SIGKILL)
     thread.join(timeout=600)
 
@@ -154,9 +155,9 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_the_same_run(ray_l
     for key, tolerance in (("val/top1", 0.01), ("train/loss", 1e-4 * uninterrupted.metrics["train/loss"])):
         restarted = final_metric(tracker, run_id, key)
         assert abs(restarted - final_metric(reference_tracker, uninterrupted.run_id, key)) <= tolerance, key
-    with tracker.downloaded_weights(run_id) as folder:
+    with tracker.downloaded(run_id, artifacts.WEIGHTS) as folder:
         restarted_weights = load_weights(folder).state_dict()
-    with reference_tracker.downloaded_weights(uninterrupted.run_id) as folder:
+    with reference_tracker.downloaded(uninterrupted.run_id, artifacts.WEIGHTS) as folder:
         reference_weights = load_weights(folder).state_dict()
     for name, value in restarted_weights.items():
         torch.testing.assert_close(value, reference_weights[name], rtol=1e-4, atol=1e-4)
@@ -220,7 +221,7 @@ def test_mlflow_server_outage_fails_in_one_line_and_a_rerun_resumes(ray_local, t
     driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tracker = Tracker(uri)
     run_id = wait_for_checkpoint(tracker, "solo", driver)
-    stored = tracker.checkpoints(run_id)
+    stored = artifacts.stored_checkpoints(tracker, run_id)
     stop(server)
     _, err = driver.communicate(timeout=300)
     assert driver.returncode == 1

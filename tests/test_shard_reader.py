@@ -150,7 +150,7 @@ def test_two_ray_train_ranks_with_two_loader_workers_each(ray_local, jpeg_shards
     def loop(config: dict) -> None:
         import ray.train
 
-        from pipeline.stage import evaluate
+        from pipeline.engine import evaluate
 
         context = ray.train.get_context()
         rank = context.get_world_rank()

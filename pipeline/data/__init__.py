@@ -7,13 +7,13 @@ every stage fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -37,7 +37,7 @@ FASHION_MNIST_FILES = (
 )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PreparedData:
     kind: str  # shards | imagefolder | cifar | fashion-mnist: which reader opens it
     path: str  # absolute path, or the URL of a shard folder
@@ -45,10 +45,26 @@ class PreparedData:
     num_classes: int
     normalization: str
     identity: str  # content identity: changes when the data changes, not when it moves
-    train_count: int  # training samples
+    train_count: int  # training samples (after `train_subset`)
+    train_subset: int | None = None  # in-memory sources: only the first N training samples
+
+
+def steps_per_epoch(prepared: PreparedData, batch_size: int, world: int) -> int:
+    """Steps every rank takes in an epoch, worked out without reading an image: the driver checks a stage can
+    train at all before it launches workers (a Ray Train restart would only fail again)."""
+    return prepared.train_count // (batch_size * world)  # every reader deals out whole batches evenly
 
 
 def prepare_data(spec: DataSpec) -> PreparedData:
+    prepared = prepare_source(spec)
+    if not spec.train_subset:
+        return prepared
+    identity = hashlib.sha256(f"{prepared.identity} first {spec.train_subset}".encode()).hexdigest()
+    count = min(prepared.train_count, spec.train_subset)
+    return dataclasses.replace(prepared, identity=identity, train_count=count, train_subset=spec.train_subset)
+
+
+def prepare_source(spec: DataSpec) -> PreparedData:
     size = spec.image_size
     if spec.source in ("synthetic", "shards"):
         return prepare_shards(spec)

@@ -50,12 +50,6 @@ def open_data(prepared: PreparedData, spec: DataSpec, seed: int, rank: int, worl
     return reader(prepared, spec, seed, rank, world)
 
 
-def steps_per_epoch(prepared: PreparedData, spec: DataSpec, world: int) -> int:
-    """Steps every rank takes in an epoch, worked out without reading an image: the driver checks a stage can
-    train at all before it launches workers (a Ray Train restart would only fail again)."""
-    return prepared.train_count // (spec.batch_size * world)  # every reader deals out whole batches evenly
-
-
 def image_transforms(size: int, mean: tuple, std: tuple, train: bool) -> v2.Compose:
     """An RGB PIL image to a normalized float tensor, with the shard reader's geometry."""
     return v2.Compose(
@@ -70,6 +64,8 @@ class TensorData:
 
     def __init__(self, prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int):
         self.train_x, self.train_y, self.val_x, self.val_y, self.num_classes = load_tensors(prepared)
+        if prepared.train_subset:
+            self.train_x, self.train_y = self.train_x[: prepared.train_subset], self.train_y[: prepared.train_subset]
         self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION[prepared.normalization])
         self.size, self.batch_size, self.augment = prepared.image_size, spec.batch_size, spec.augment
         self.seed, self.rank, self.world = seed, rank, world

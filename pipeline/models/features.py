@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 POOLED = "flatten"  # the pooled penultimate vector, in the CIFAR ResNets and torchvision's CNNs alike
 
@@ -54,6 +53,8 @@ class Taps(nn.Module):
     """
 
     def __init__(self, model: nn.Module, nodes: list[str]):
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
         super().__init__()
         train_nodes, eval_nodes = get_graph_node_names(model)
         outputs = {node: node for node in nodes}

@@ -1,0 +1,258 @@
+"""Training throughput side by side, in one run: (a) a bare PyTorch loop written here, (b) kdpipe's engine in one
+process, (c) a whole kdpipe stage through Ray Train; and (c)'s fixed start/end cost beside Ray Train's own floor.
+
+(a) and (b) train the same student on the same batches, already on the device (no data loading in either), with
+the same models (`pipeline.models` builds the networks; the loop, the loss and the optimizer of (a) are written
+below, and the KD teacher is a fresh network: its weights do not change the cost). They alternate for `--rounds`
+rounds and each keeps its best round. (c) runs a teacher stage (labels only) and a student stage (`--method`) of
+a job on Fashion-MNIST held in memory, resized to `--size` and normalized per batch, without augmentation (so
+augmentation is counted in neither); a stage's steady rate is its best epoch after the first, from the
+`images_per_second` it logs over its training steps. A stage's fixed cost is its wall time minus its epochs'.
+Ray Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports), timed with Ray Train's
+default settings and with kdpipe's (`pipeline.runner.RAY_TRAIN_SETTINGS`).
+
+    .venv/bin/python bench/step.py                        # the quickstart's models on CPU
+    python bench/step.py --device cuda --teacher resnet50 --student resnet18 --size 224 --batch 256 \\
+        --precision bf16 --no-stage                       # on a GPU without Ray: (a) and (b) only
+
+Prints images/s and the ratios engine / bare and stage / bare, then the stages' fixed costs and the floors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.engine import PRECISIONS, Engine, single_process_group
+from pipeline.methods import METHODS
+from pipeline.models import build_model
+from pipeline.spec import StageSpec
+
+FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
+CLASSES, TEMPERATURE, CE_WEIGHT, KD_WEIGHT = 10, 4.0, 0.1, 0.9  # KD as the quickstart runs it
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(step, batches: list, steps: int, device: torch.device) -> float:
+    """Run `steps` steps over the batches (after a few untimed ones) and return images per second."""
+    for images, labels in batches[:3]:
+        step(images, labels)
+    synchronize(device)
+    started = time.perf_counter()
+    for i in range(steps):
+        step(*batches[i % len(batches)])
+    synchronize(device)
+    return steps * len(batches[0][0]) / (time.perf_counter() - started)
+
+
+def bare_loop(args: argparse.Namespace, device: torch.device):
+    """The step written with nothing but PyTorch: SGD, cross-entropy and Hinton's KD, autocast for 16-bit."""
+    torch.manual_seed(0)
+    student = build_model(args.student, CLASSES).to(device, memory_format=torch.channels_last).train()
+    teacher = build_model(args.teacher, CLASSES).to(device, memory_format=torch.channels_last).eval()
+    teacher.requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
+            logits = student(images)
+            loss = F.cross_entropy(logits, labels)
+            if args.method == "kd":
+                with torch.no_grad():
+                    soft = F.log_softmax(teacher(images) / TEMPERATURE, dim=1)
+                kl = F.kl_div(F.log_softmax(logits / TEMPERATURE, dim=1), soft, reduction="batchmean", log_target=True)
+                loss = CE_WEIGHT * loss + KD_WEIGHT * TEMPERATURE**2 * kl
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def engine_loop(args: argparse.Namespace, device: torch.device):
+    """kdpipe's engine: the method in a DeepSpeed engine, one process."""
+    single_process_group(device)
+    torch.manual_seed(0)
+    teacher = build_model(args.teacher, CLASSES).to(device, PRECISIONS[args.precision]).eval()
+    teachers = [teacher.requires_grad_(False)] if args.method == "kd" else []
+    method_cls = METHODS[args.method]
+    method = method_cls(build_model(args.student, CLASSES), teachers, method_cls.Params(), model=args.student)
+    stage = StageSpec(
+        name="bench",
+        model=args.student,
+        method=args.method,
+        teachers=["t"] * len(teachers),
+        epochs=1,
+        optimizer={"lr": 0.1},
+        schedule={"name": "constant"},
+        deepspeed={"precision": args.precision},
+        workers={"gpus": 1 if device.type == "cuda" else 0},
+    )
+    engine = Engine(method, stage, args.batch, device)
+    engine.ds.train()
+    return engine.step
+
+
+def stage_job(args: argparse.Namespace, root: Path) -> dict:
+    """A teacher (labels only) and a student (`--method`) on Fashion-MNIST in memory, each `--stage-epochs`."""
+    workers = {"count": args.workers, "gpus": 1 if args.device == "cuda" else 0}
+    common = {"epochs": args.stage_epochs, "optimizer": {"lr": 0.1}, "workers": workers}
+    common["deepspeed"] = {"precision": args.precision}
+    return {
+        "name": "bench-step",
+        "workdir": str(root / "out"),
+        "data": {
+            "source": "fashion-mnist",
+            "path": str(args.data),
+            "image_size": args.size,
+            "batch_size": args.batch,
+            "augment": False,
+            "loader_workers": 0,
+            "train_subset": args.train_subset,
+        },
+        "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "bench"},
+        "stages": [
+            {"name": "teacher", "model": args.teacher, "method": "ce", **common},
+            {"name": "student", "model": args.student, "method": args.method, "teachers": ["teacher"], **common},
+        ],
+    }
+
+
+def empty_fit(storage: str) -> float:
+    """Seconds of a 2-worker `TorchTrainer.fit()` whose loop only reports: Ray Train's own start and end."""
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def loop(config: dict) -> None:
+        ray.train.report({"done": 1})
+
+    started = time.perf_counter()
+    TorchTrainer(
+        loop,
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"floor-{time.time_ns()}", storage_path=storage),
+    ).fit()
+    return time.perf_counter() - started
+
+
+def floors(storage: str, repeats: int) -> dict[str, float]:
+    """The median empty fit with Ray Train's defaults and with kdpipe's settings, alternating."""
+    from pipeline.runner import RAY_TRAIN_SETTINGS
+
+    times: dict[str, list[float]] = {"Ray Train defaults": [], "kdpipe's settings": []}
+    for _ in range(repeats):
+        for name in times:
+            saved = {key: os.environ.pop(key, None) for key in RAY_TRAIN_SETTINGS}
+            if name == "kdpipe's settings":
+                os.environ.update(RAY_TRAIN_SETTINGS)
+            times[name].append(empty_fit(storage))
+            for key, value in saved.items():
+                os.environ.pop(key, None)
+                if value is not None:
+                    os.environ[key] = value
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def stage_figures(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Each stage's steady images/s and fixed cost from a real `run_job`, and Ray Train's floors beside them."""
+    from pipeline.plan import plan_job
+    from pipeline.runner import run_job
+    from pipeline.spec import JobSpec
+    from pipeline.tracking import Tracker
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        plan = plan_job(JobSpec.model_validate(stage_job(args, root)))
+        outcomes = run_job(plan)
+        tracker = Tracker(plan.job.tracking.uri)
+        figures = {}
+        for name, outcome in outcomes.items():
+            if not outcome.finished:
+                raise SystemExit(f"stage {name} failed: {outcome.error}")
+            history = tracker.metric_history(outcome.run_id, ["images_per_second", "epoch_seconds"])
+            rates = [value for epoch, value in history["images_per_second"] if epoch > 0]
+            epochs = sum(value for _, value in history["epoch_seconds"])
+            figures[name] = {"rate": max(rates), "fixed": outcome.seconds - epochs, "wall": outcome.seconds}
+        return figures, floors(str(root / "floor"), args.floor_repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="resnet14", help="the KD teacher, and (c)'s first stage")
+    parser.add_argument("--student", default="resnet8")
+    parser.add_argument("--method", choices=["kd", "ce"], default="kd", help="the student's method")
+    parser.add_argument("--size", type=int, default=32, help="image side (default 32)")
+    parser.add_argument("--batch", type=int, default=64, help="images per step and worker (default 64)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per round of (a) and (b)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of (a) and (b); best counts")
+    parser.add_argument("--no-stage", dest="stage", action="store_false", help="skip (c) and the floors (no Ray)")
+    parser.add_argument("--workers", type=int, default=2, help="(c): Ray Train workers per stage (default 2)")
+    parser.add_argument("--stage-epochs", type=int, default=3, help="(c): epochs per stage (default 3)")
+    parser.add_argument("--train-subset", type=int, default=6000, help="(c): Fashion-MNIST training samples")
+    parser.add_argument("--floor-repeats", type=int, default=3, help="empty fits per setting (median counts)")
+    parser.add_argument("--data", type=Path, default=FASHION_MNIST, help="the Fashion-MNIST IDX folder")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count())  # one process may use every core, as a bare script would
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(
+                device, memory_format=torch.channels_last
+            ),
+            torch.randint(0, CLASSES, (args.batch,), generator=generator).to(device),
+        )
+        for _ in range(4)
+    ]
+    loops = {"bare PyTorch loop": bare_loop(args, device), "kdpipe engine, 1 process": engine_loop(args, device)}
+    best = dict.fromkeys(loops, 0.0)
+    for _ in range(args.rounds):
+        for name, step in loops.items():
+            best[name] = max(best[name], images_per_second(step, batches, args.steps, device))
+    bare = best["bare PyTorch loop"]
+    what = f"{args.method} {args.teacher} -> {args.student}" if args.method == "kd" else f"ce {args.student}"
+    print(f"{what}, {args.size} px, batch {args.batch}, {args.precision}, {args.device}", flush=True)
+    for name, rate in best.items():
+        print(f"  {name:34s} {rate:9.1f} images/s   {rate / bare:5.2f}x bare")
+    if not args.stage:
+        return
+
+    figures, floor = stage_figures(args)
+    student = figures["student"]["rate"]
+    print(
+        f"  {'kdpipe stage, ' + str(args.workers) + ' Ray Train workers':34s} {student:9.1f} images/s   "
+        f"{student / bare:5.2f}x bare (steady epochs of the student stage)"
+    )
+    print("fixed cost per stage (wall time minus epochs), beside Ray Train's floor (an empty 2-worker fit):")
+    for name, value in floor.items():
+        print(f"  floor with {name:23s} {value:6.1f} s")
+    lowered = floor["kdpipe's settings"]
+    for name, stage in figures.items():
+        print(
+            f"  {name:8s} stage: {stage['fixed']:5.1f} s fixed of {stage['wall']:5.1f} s   "
+            f"{stage['fixed'] / lowered:4.2f}x the floor with kdpipe's settings, "
+            f"{stage['fixed'] / floor['Ray Train defaults']:4.2f}x with Ray's defaults"
+        )
+
+
+if __name__ == "__main__":
+    main()

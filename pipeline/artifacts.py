@@ -1,0 +1,40 @@
+"""What a stage's MLflow run holds, and where: the one place that knows the layout of its artifacts.
+
+weights/                    the stage's final weights (`pipeline.models.save_weights`): what students learn from
+peers/<name>/               the same for each network trained beside the student (DML, DCM)
+checkpoints/step-N/         full training state (`pipeline.checkpoint`), the newest `checkpoint.keep` of them
+teachers/probe.safetensors  each teacher's outputs on a fixed held-out batch, as this stage loaded it
+plots/<method>.png          the method's per-epoch values
+"""
+
+from __future__ import annotations
+
+from pipeline.checkpoint import POSITION
+from pipeline.models import WEIGHTS_FILE
+from pipeline.tracking import Tracker
+
+WEIGHTS, PEERS, CHECKPOINTS, TEACHERS, PLOTS = "weights", "peers", "checkpoints", "teachers", "plots"
+PROBE_FILE = "probe.safetensors"
+FINAL_WEIGHTS = f"{WEIGHTS}/{WEIGHTS_FILE}"  # a stage run with this file is a result students can learn from
+
+
+def weights_folder(peer: str = "") -> str:
+    """The stage's own weights, or (`peer`) those of a network trained beside its student."""
+    return f"{PEERS}/{peer}" if peer else WEIGHTS
+
+
+def checkpoint_folder(name: str) -> str:
+    return f"{CHECKPOINTS}/{name}"
+
+
+def stored_checkpoints(tracker: Tracker, run_id: str) -> list[str]:
+    """Names of the run's complete checkpoints (rank 0 stores the position file last), oldest first."""
+    return sorted(tracker.folders_holding(run_id, CHECKPOINTS, POSITION))
+
+
+def prune_checkpoints(tracker: Tracker, run_id: str, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (and any broken upload older than them)."""
+    kept = stored_checkpoints(tracker, run_id)[-keep:]
+    stale = [name for name in tracker.list_folder(run_id, CHECKPOINTS) if kept and name < kept[0]]
+    if stale:
+        tracker.delete_artifacts(run_id, [checkpoint_folder(name) for name in stale])

@@ -1,0 +1,227 @@
+"""The training engine: a method in a DeepSpeed engine, its step, the learning rate at each step, evaluation, and the
+epoch loop that ties them together. No Ray, no MLflow.
+
+It runs wherever a `torch.distributed` group exists: in every rank of a Ray Train stage, or in one plain process
+(`single_process_group`: world size 1, which needs no collectives). What happens around the loop comes in through
+three small interfaces the caller hands over: a `CheckpointSink` (when and where to save), an `EpochLog` (where
+an epoch's metrics go) and a `Progress` reporter. A speed fix made here holds for every method and every stage,
+and is measured in one process by `bench/step.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.checkpoint import Position
+from pipeline.methods.base import Method
+from pipeline.spec import OptimizerSpec, ScheduleSpec, StageSpec
+
+if TYPE_CHECKING:
+    from pipeline.data.loaders import StageData
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# NHWC inputs make convolutions run NHWC: about 25% faster on CPU (oneDNN), and the layout tensor cores want on
+# GPU. Parameters stay in the default layout, which DeepSpeed's broadcast and ZeRO's flat buffers expect.
+CHANNELS_LAST = torch.channels_last
+
+
+class CheckpointSink(Protocol):
+    """Where the full training state goes; every rank calls both methods at the same steps."""
+
+    def due(self, global_step: int) -> bool: ...
+
+    def save(self, position: Position, metrics: dict[str, float]) -> None: ...
+
+
+class EpochLog(Protocol):
+    def log_epoch(self, epoch: int, metrics: dict[str, float], method_values: dict[str, float]) -> None: ...
+
+
+class Progress(Protocol):
+    def step(self, epoch: int, step: int, steps: int, loss: torch.Tensor) -> None: ...
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+def lr_factor(schedule: ScheduleSpec, epoch: float, epochs: int) -> float:
+    """Multiplier of the base learning rate at fractional epoch `epoch`: a pure function of progress, so resuming
+    needs no scheduler state."""
+    warmup = min(1.0, epoch / schedule.warmup_epochs) if schedule.warmup_epochs else 1.0
+    if schedule.name == "cosine":
+        return warmup * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if schedule.name == "step":
+        return warmup * schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
+    return warmup
+
+
+def build_optimizer(spec: OptimizerSpec, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.name == "sgd":
+        return torch.optim.SGD(
+            parameters, spec.lr, momentum=spec.momentum, nesterov=spec.nesterov, weight_decay=spec.weight_decay
+        )
+    optimizer = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
+    return optimizer(parameters, spec.lr, weight_decay=spec.weight_decay)
+
+
+def deepspeed_config(stage: StageSpec, batch_size: int, world: int) -> dict:
+    ds = stage.deepspeed
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "train_batch_size": batch_size * world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our optimisers are plain torch ones, passed in
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "steps_per_print": 1 << 30,
+    }
+
+
+def single_process_group(device: torch.device) -> None:
+    """A process group of one (an in-memory store, no network) for DeepSpeed in a plain process: tests, benches,
+    one GPU. DeepSpeed needs a group and LOCAL_RANK even when there is nobody to talk to."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("LOCAL_RANK", "0")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def to_device(images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return images.to(device, dtype, memory_format=CHANNELS_LAST, non_blocking=True)
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over every rank, in place; a process on its own has nothing to add."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    return values
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Iterable, device: torch.device, dtype: torch.dtype, num_classes: int
+) -> dict[str, float]:
+    """Top-1/top-k over the held-out split; each rank scores its own disjoint part and the counts are summed."""
+    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank evaluates rank 0's BN statistics: the
+        for buffer in model.buffers():  # weights that get saved
+            dist.broadcast(buffer, 0)
+    k = min(5, num_classes)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for images, labels in batches:
+        hits = model(to_device(images, device, dtype)).topk(k, 1).indices == labels.to(device)[:, None]
+        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+    top1, topk, count = sum_over_ranks(totals).tolist()
+    return {"val/top1": top1 / max(count, 1), f"val/top{k}": topk / max(count, 1)}
+
+
+class Engine:
+    """One stage's DeepSpeed engine around its method, on `device`, in the stage's precision."""
+
+    def __init__(self, method: Method, stage: StageSpec, batch_size: int, device: torch.device):
+        self.world = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.device, self.dtype = device, PRECISIONS[stage.deepspeed.precision]
+        self.batch_size, self.epochs, self.schedule = batch_size, stage.epochs, stage.schedule
+        optimizer = build_optimizer(stage.optimizer, [p for p in method.parameters() if p.requires_grad])
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=method, optimizer=optimizer, config=deepspeed_config(stage, batch_size, self.world)
+        )
+        # DeepSpeed casts parameters to bf16/fp16, not buffers: BatchNorm's running statistics must follow, or its
+        # kernels refuse the mix (fp32 parameters and buffers stay as they are; casting to the same dtype is a no-op).
+        method.to(self.dtype)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+
+    @property
+    def method(self) -> Method:
+        return self.ds.module
+
+    def set_lr(self, epoch: float) -> float:
+        """The learning rate at fractional epoch `epoch`, set on every parameter group; returns the factor."""
+        factor = lr_factor(self.schedule, epoch, self.epochs)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        return factor
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return to_device(images, self.device, self.dtype)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimizer step: forward through the method, DeepSpeed backward and step. Returns the detached
+        losses (their sum as `loss`), left on the device: reading them would wait for the step to finish."""
+        _, losses = self.ds(self.inputs(images), labels.to(self.device, non_blocking=True))
+        loss = sum(losses.values())
+        self.ds.backward(loss)
+        self.ds.step()
+        return {"loss": loss.detach().float(), **{name: value.detach().float() for name, value in losses.items()}}
+
+    def evaluate_all(self, data: StageData) -> dict[str, float]:
+        """The student's scores, and each peer's under `val/<peer>/`."""
+        metrics = evaluate(self.method.student, data.val_batches(), self.device, self.dtype, data.num_classes)
+        for peer, (_, network) in self.method.peers().items():
+            scores = evaluate(network, data.val_batches(), self.device, self.dtype, data.num_classes)
+            metrics.update({key.replace("val/", f"val/{peer}/"): value for key, value in scores.items()})
+        return metrics
+
+    def train_epoch(
+        self, data: StageData, at: Position, sink: CheckpointSink, progress: Progress
+    ) -> tuple[Position, dict[str, float]]:
+        """The steps of epoch `at.epoch` from step `at.step` on; a mid-epoch checkpoint whenever the sink says one
+        is due. Returns the position at the epoch's end and the epoch's mean training losses."""
+        epoch, steps = at.epoch, data.steps_per_epoch(at.epoch)
+        self.method.set_epoch(epoch)
+        self.ds.train()
+        sums: dict[str, torch.Tensor | float] = dict(at.sums)  # summed on the device: no sync per step
+        global_step = at.global_step
+        for step, (images, labels) in enumerate(data.train_batches(epoch, at.step), at.step):
+            self.set_lr(epoch + step / steps)
+            losses = self.step(images, labels)
+            global_step += 1
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value
+            progress.step(epoch, step, steps, losses["loss"])
+            if step + 1 < steps and sink.due(global_step):
+                position = Position(epoch, step + 1, global_step, {name: float(v) for name, v in sums.items()})
+                sink.save(position, {"global_step": global_step})
+        means = {f"train/{name}": float(value) / max(steps, 1) for name, value in sums.items()}
+        return Position(epoch + 1, 0, global_step), means
+
+    def train(
+        self, data: StageData, start: Position, sink: CheckpointSink, log: EpochLog, progress: Progress
+    ) -> Position:
+        """Every epoch from `start` to the last: train, evaluate, log, checkpoint at the epoch's end."""
+        position = start
+        while position.epoch < self.epochs:
+            epoch, started = position.epoch, time.perf_counter()
+            first = position.step
+            position, metrics = self.train_epoch(data, position, sink, progress)
+            trained = time.perf_counter() - started
+            self.ds.eval()
+            metrics.update(self.evaluate_all(data))
+            method_values = self.method.epoch_metrics()
+            metrics.update(method_values)
+            skipped = torch.tensor(float(data.skipped), device=self.device)
+            images = (data.steps_per_epoch(epoch) - first) * self.batch_size * self.world
+            metrics.update(
+                {
+                    "data/skipped": sum_over_ranks(skipped).item(),
+                    "lr": self.base_lrs[0] * lr_factor(self.schedule, epoch + 1, self.epochs),
+                    "train_seconds": trained,
+                    "images_per_second": images / max(trained, 1e-9),
+                    "epoch_seconds": time.perf_counter() - started,
+                    "global_step": position.global_step,
+                }
+            )
+            log.log_epoch(epoch, metrics, method_values)
+            sink.save(position, {"epoch": epoch, **metrics})
+            progress.epoch_end(epoch, metrics)
+        return position
