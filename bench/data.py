@@ -1,8 +1,10 @@
-"""Training images per second: the shard reader against torchvision's ImageFolder + DataLoader on the same JPEGs.
+"""Training images per second: the shard reader against torchvision's ImageFolder + DataLoader on the same JPEGs,
+and kdpipe's decoder (torchvision's, libjpeg-turbo) against PIL's on the same bytes.
 
-Both read the same images with the same worker count, batch size and training transforms (RandomResizedCrop +
-flip, normalized float batches out), in one process, one after the other, warm page cache for both; each is timed
-over full epochs, alternating, and its best epoch counts. Prints the ratio shard / ImageFolder.
+Both readers read the same images with the same worker count, batch size and training transforms
+(RandomResizedCrop + flip, normalized float batches out), in one process, one after the other, warm page cache for
+both; each is timed over full epochs, alternating, and its best epoch counts. Prints the ratio shard / ImageFolder.
+The decoders decode and crop the same JPEG bytes in this process, one thread, alternating, best of 3.
 
     .venv/bin/python bench/data.py [--images 2000] [--size 160] [--crop 128] [--workers 2] [--batch 64]
 """
@@ -10,13 +12,20 @@ over full epochs, alternating, and its best epoch counts. Prints the ratio shard
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
 from pipeline.data import prepare_data
 from pipeline.data.convert import convert
 from pipeline.data.loaders import open_data
+from pipeline.data.shard_reader import geometry
+from pipeline.data.shards import decode_image
 from pipeline.data.synthetic import write_image_folder
 from pipeline.spec import DataSpec
 
@@ -27,6 +36,28 @@ def images_per_second(spec: DataSpec, epoch: int) -> float:
     for images, _ in reader.train_batches(epoch):
         count += len(images)
     return count / (time.perf_counter() - started)
+
+
+def decode_rates(jpegs: list[bytes], crop: int) -> dict[str, float]:
+    """Images/s of decoding and cropping the same bytes: PIL (decode, crop as PIL, then to a tensor) against
+    kdpipe's `decode_image` (torchvision's decoder, crop on the tensor)."""
+    crop_pil = v2.Compose([geometry(crop, True), v2.PILToTensor()])
+    crop_tensor = geometry(crop, True)
+    decoders = {
+        "PIL": lambda data: crop_pil(Image.open(io.BytesIO(data)).convert("RGB")),
+        "torchvision (kdpipe)": lambda data: crop_tensor(decode_image(data)),
+    }
+    best = dict.fromkeys(decoders, 0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for _ in range(3):
+        for name, decode in decoders.items():
+            started = time.perf_counter()
+            for data in jpegs:
+                decode(data)
+            best[name] = max(best[name], len(jpegs) / (time.perf_counter() - started))
+    torch.set_num_threads(threads)
+    return best
 
 
 def main() -> None:
@@ -54,10 +85,16 @@ def main() -> None:
         for epoch in range(1, args.epochs + 1):
             for name, spec in specs.items():
                 best[name] = max(best[name], images_per_second(spec, epoch))
+        jpegs = [path.read_bytes() for path in sorted((root / "jpegs" / "train").rglob("*.jpg"))[:500]]
+        decoders = decode_rates(jpegs, args.crop)
     print(f"{args.images} JPEGs {args.size} px -> {args.crop} px crops, {args.workers} workers, batch {args.batch}")
     for name, rate in best.items():
         print(f"  {name:12s} {rate:8.0f} images/s")
     print(f"ratio shards / imagefolder: {best['shards'] / best['imagefolder']:.2f}")
+    print(f"decode + crop of {len(jpegs)} of the JPEGs, one thread:")
+    for name, rate in decoders.items():
+        print(f"  {name:22s} {rate:8.0f} images/s")
+    print(f"ratio torchvision / PIL: {decoders['torchvision (kdpipe)'] / decoders['PIL']:.2f}")
 
 
 if __name__ == "__main__":

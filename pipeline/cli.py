@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status",
         help="show what MLflow holds for each stage of a job",
-        description="A table of the job's stages: pending, running, done, reused (by the latest run of the job) "
-        "or failed; the MLflow run id, epochs done, the latest checkpoint's step, the best validation top-1 and "
-        "the run's duration. A stage shown 'running' whose driver died is resumed by the next 'kdpipe run'.",
+        description="A table of the job's stages: pending (never trained), outdated (trained, but something it "
+        "learns from has changed since: the next run trains it again), running, interrupted (its driver is gone: "
+        "the next 'kdpipe run' resumes it), done, reused (by the latest run of the job) or failed; the MLflow run "
+        "id, epochs done, the latest checkpoint's step, the best validation top-1 and the run's duration.",
     )
     status.add_argument("job", help="the job file (YAML), or the MLflow run id of one run of the job")
     status.add_argument(
@@ -244,11 +245,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 elif outcome.status == "running":
                     progress.start_task(bar)
                     progress.update(bar, info="starting workers")
+                elif outcome.status == "waiting":
+                    progress.update(bar, info="waiting: another kdpipe driver trains it")
 
         outcomes = run_job(plan, force=tuple(args.force), verbose=args.verbose, on_poll=on_poll)
     print_table(outcome_table(plan.job.name, outcomes))
     for outcome in outcomes.values():
-        if outcome.error:
+        if outcome.error and outcome.status != "reused":
             err_console.print(f"[red]{outcome.name}[/]: {outcome.error}", highlight=False, soft_wrap=True)
     return 0 if all(o.finished for o in outcomes.values()) else 1
 
@@ -342,6 +345,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{row.seconds:.0f}s" if row.seconds is not None else "-",
             row.run_id or "-",
         )
+    if any(row.state == "outdated" for row in rows):
+        table.caption = "outdated: its run was trained with an older fingerprint; the next 'kdpipe run' trains it again"
     print_table(table)
     return 0
 
@@ -366,9 +371,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline import cluster
+    from pipeline.plan import load_plan
 
+    # Everything but the data path is checked here, before the cluster is contacted; the path is the cluster's
+    # (its shared storage, a bucket), and a missing one fails the job there, in one line of its log.
+    job = load_plan(args.job, check_paths=False).job
     with cluster.session(args.address) as client:
-        job_id = cluster.submit(client, args.job, args.storage, args.tracking_uri)
+        job_id = cluster.submit(client, args.job, job, args.storage, args.tracking_uri)
     print(job_id)
     err_console.print(f"follow it with: kdpipe logs --follow {job_id}", highlight=False)
     return 0

@@ -30,7 +30,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobDetails, JobStatus
 
 from pipeline.errors import UserError
-from pipeline.spec import load_job
+from pipeline.spec import JobSpec
 
 PACKAGE = Path(__file__).resolve().parent
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
@@ -84,9 +84,10 @@ def session(address: str | None) -> Iterator[JobSubmissionClient]:
         raise UserError(f"{address}: {str(err).strip().splitlines()[0][:300]}") from None
 
 
-def submit(client: JobSubmissionClient, job_file: Path, storage: str | None, tracking_uri: str | None) -> str:
-    """Submit `kdpipe run` of `job_file` as a Ray job; returns its submission id."""
-    job = load_job(job_file)  # a bad job file is refused here, not minutes later on the cluster
+def submit(
+    client: JobSubmissionClient, job_file: Path, job: JobSpec, storage: str | None, tracking_uri: str | None
+) -> str:
+    """Submit `kdpipe run` of `job_file` (checked as `job`) as a Ray job; returns its submission id."""
     argv = ["-m", "pipeline.cli", "run", job_file.name] + (["--tracking-uri", tracking_uri] if tracking_uri else [])
     env = {"KDPIPE_STORAGE": storage} if storage else {}
     with tempfile.TemporaryDirectory() as folder:

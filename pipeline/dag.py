@@ -39,7 +39,8 @@ def topological_order(stages: list[StageSpec]) -> list[str]:
 
 
 def fingerprint(config: dict, upstream: list[str], data_id: str) -> str:
-    """Identity of a stage's result: its resolved config, its teachers' fingerprints and the data's identity.
+    """Identity of a stage's result: what it learns from (`PlannedStage.identity`), its teachers' fingerprints and
+    the data's content identity.
 
     Canonical JSON (sorted keys) makes key order and YAML formatting irrelevant; anything upstream that changes
     changes this value, and so every fingerprint downstream of it.

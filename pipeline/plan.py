@@ -11,13 +11,14 @@ from pipeline import dag
 from pipeline.errors import UserError
 from pipeline.methods import get_method, parse_params
 from pipeline.models import is_known_model
-from pipeline.spec import JobSpec, StageSpec, load_job
+from pipeline.spec import DataSpec, JobSpec, StageSpec, load_job
 
 
 @dataclass(frozen=True)
 class PlannedStage:
     spec: StageSpec
     params: BaseModel  # the method's params with defaults filled in
+    method_version: int
 
     @property
     def config(self) -> dict:
@@ -26,12 +27,28 @@ class PlannedStage:
         resolved["params"] = self.params.model_dump()
         return resolved
 
-    @property
-    def identity(self) -> dict:
-        """The config as the fingerprint sees it: where the workers run changes nothing about what they learn."""
+    def identity(self, job: JobSpec) -> dict:
+        """What this stage learns from, apart from its teachers and the data's content: its resolved config, the
+        job's seed, the data settings that decide which samples it sees and how, its method's version. Where and
+        on what its workers run (placement, CPUs, GPUs) changes nothing it learns; their count sets the global
+        batch and stays."""
         resolved = self.config
-        del resolved["workers"]["placement"]
-        return resolved
+        resolved["workers"] = resolved["workers"]["count"]
+        return {
+            "stage": resolved,
+            "seed": job.seed,
+            "reading": reading_settings(job.data),
+            "method_version": self.method_version,
+        }
+
+
+def reading_settings(data: DataSpec) -> dict:
+    """The data settings that change which samples a stage sees, in which order and how: the shard reader and
+    ImageFolder's loader deal each epoch's samples out by loader worker, so their count matters there."""
+    reading = data.model_dump(include={"batch_size", "image_size", "augment", "bad_samples"})
+    if data.source in ("synthetic", "shards", "imagefolder"):
+        reading["loader_workers"] = data.loader_workers
+    return reading
 
 
 @dataclass(frozen=True)
@@ -45,7 +62,7 @@ class Plan:
         for name in self.order:
             stage = self.stages[name]
             upstream = [prints[t] for t in stage.spec.teachers]
-            prints[name] = dag.fingerprint(stage.identity, upstream, data_id)
+            prints[name] = dag.fingerprint(stage.identity(self.job), upstream, data_id)
         return prints
 
     def downstream(self, name: str) -> set[str]:
@@ -76,13 +93,14 @@ def plan_job(job: JobSpec) -> Plan:
         problem = method.check(params, count)
         if problem:
             raise UserError(f"{where}.params.{problem}")
-        stages[stage.name] = PlannedStage(stage, params)
+        stages[stage.name] = PlannedStage(stage, params, method.version)
     return Plan(job, order, stages)
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Load, validate and plan a job file; every problem is a one-line `UserError` naming the file."""
-    job = load_job(path)
+def load_plan(path: str | Path, check_paths: bool = True) -> Plan:
+    """Load, validate and plan a job file; every problem is a one-line `UserError` naming the file.
+    `check_paths=False` leaves data paths to the machine that will read them."""
+    job = load_job(path, check_paths)
     try:
         return plan_job(job)
     except UserError as err:

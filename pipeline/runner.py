@@ -19,7 +19,7 @@ from pipeline.data import prepare_data, steps_per_epoch
 from pipeline.plan import Plan
 from pipeline.spec import CheckpointSpec, WorkersSpec
 from pipeline.task import StageTask, TeacherRef, run_stage
-from pipeline.tracking import Tracker, TrackingError
+from pipeline.tracking import Lease, Tracker, TrackingError, lease_seconds, run_is_live
 
 POLL_SECONDS = 2.0  # how often the driver looks at stages and progress: every poll takes CPU from training
 # Ray Train's controller polls its workers every 2 s by default, so a stage's start and end each wait up to a poll;
@@ -33,7 +33,7 @@ class StageOutcome:
     name: str
     method: str
     teachers: list[str]
-    status: str = "pending"  # pending | running | done | reused | failed | skipped
+    status: str = "pending"  # pending | waiting (another driver trains it) | running | done | reused | failed | skipped
     run_id: str = ""
     fingerprint: str = ""
     seconds: float = 0.0
@@ -129,65 +129,128 @@ def run_job(
     on_poll: Callable[[dict[str, StageOutcome], dict], None] | None = None,
 ) -> dict[str, StageOutcome]:
     """Run every stage that has not run with these exact inputs; `force` retrains the named stages and everything
-    downstream of them in new MLflow runs (the old runs and their artifacts stay)."""
-    job = plan.job
-    data = prepare_data(job.data)
-    prints = plan.fingerprints(data.identity)
-    tracker = Tracker(job.tracking.uri)
-    experiment = tracker.experiment_id(job.tracking.experiment)
-    parent = tracker.start_job_run(experiment, job.name, job.model_dump())
-    outcomes = {
-        name: StageOutcome(
-            name, plan.stages[name].spec.method, plan.stages[name].spec.teachers, fingerprint=prints[name]
-        )
-        for name in plan.order
-    }
-    storage = storage_path(job.workdir)
-    forced = set().union(*(plan.downstream(name) for name in force))
-    for name in plan.order:
-        if name not in forced:
-            find_earlier_run(tracker, experiment, parent, outcomes[name], job.name, storage)
-    if all(o.status == "reused" for o in outcomes.values()):  # nothing to train: no Ray to start
-        if on_poll:
-            on_poll(outcomes, {})
-        tracker.finish(parent)
-        return outcomes
-    ensure_ray(verbose)
-    import ray
+    downstream of them in new MLflow runs (the old runs and their artifacts stay). Ray starts only once a stage
+    has to train."""
+    runner = JobRunner(plan, verbose)
+    try:
+        return runner.run(force, on_poll)
+    finally:
+        runner.release()
 
-    from pipeline.progress import open_board
 
-    board = open_board(job.name)
-    capacity = ray.cluster_resources()
-    free = [capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)]
-    running: dict[Future, str] = {}
+class JobRunner:
+    """One `kdpipe run` of a job: which stages to reuse, resume, wait for or train, and their launches."""
 
-    def start(name: str, pool: ThreadPoolExecutor) -> None:
-        stage = plan.stages[name]
-        outcome = outcomes[name]
+    def __init__(self, plan: Plan, verbose: bool):
+        self.plan, self.job, self.verbose = plan, plan.job, verbose
+        self.data = prepare_data(self.job.data)
+        self.prints = plan.fingerprints(self.data.identity)
+        self.tracker = Tracker(self.job.tracking.uri)
+        self.experiment = self.tracker.experiment_id(self.job.tracking.experiment)
+        self.parent = self.tracker.start_job_run(self.experiment, self.job.name, self.job.model_dump())
+        self.storage = storage_path(self.job.workdir)
+        self.outcomes = {
+            name: StageOutcome(name, stage.spec.method, stage.spec.teachers, fingerprint=self.prints[name])
+            for name, stage in ((name, plan.stages[name]) for name in plan.order)
+        }
+        self.running: dict[Future, str] = {}
+        self.board = None
+        self.free = [0.0, 0.0]  # CPUs and GPUs not taken by this job's running stages
+        self.renewed = time.monotonic()
+
+    def run(self, force: tuple[str, ...], on_poll) -> dict[str, StageOutcome]:
+        forced = set().union(*(self.plan.downstream(name) for name in force))
+        for name in self.plan.order:
+            if name not in forced:
+                self.look_up(self.outcomes[name])
+        # Stages that more stages wait on go first: a teacher before an independent baseline.
+        launch_order = sorted(self.plan.order, key=lambda n: -len(self.plan.downstream(n)))
+        with ThreadPoolExecutor(max_workers=len(self.plan.order)) as pool:
+            while any(o.status in ("pending", "waiting", "running") for o in self.outcomes.values()):
+                for name in launch_order:
+                    self.advance(self.outcomes[name], pool)
+                done, _ = wait(list(self.running), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                for future in done:
+                    self.finish(future)
+                self.renew_leases()
+                if on_poll:
+                    on_poll(self.outcomes, self.progress())
+        ok = all(o.finished for o in self.outcomes.values())
+        with contextlib.suppress(TrackingError):  # a tracking outage is already each stage's reported error
+            self.tracker.finish(self.parent, "FINISHED" if ok else "FAILED")
+        return self.outcomes
+
+    def look_up(self, outcome: StageOutcome) -> None:
+        """Reuse a finished run of this exact stage (same fingerprint); wait for one another driver is training;
+        resume an interrupted one that left a checkpoint (in MLflow, or in Ray Train's storage); otherwise the
+        stage trains from scratch."""
+        tracker = self.tracker
+        found = tracker.find_finished_stage(self.experiment, outcome.fingerprint, artifacts.FINAL_WEIGHTS)
+        if found:
+            outcome.status, (outcome.run_id, outcome.metrics) = "reused", found
+            tracker.set_tags(self.parent, {f"kdpipe.reused.{outcome.name}": outcome.run_id})
+            return
+        interrupted = tracker.find_interrupted_stage(self.experiment, outcome.fingerprint)
+        if interrupted is None:
+            return
+        run_id = interrupted.info.run_id
+        if run_is_live(interrupted):
+            outcome.status, outcome.run_id = "waiting", run_id
+            outcome.error = f"run {run_id} is being trained {Lease.of(interrupted).describe()}"
+        elif artifacts.stored_checkpoints(tracker, run_id) or storage_holds(
+            self.storage, ray_run_name(self.job.name, outcome.name, run_id)
+        ):
+            outcome.run_id, outcome.resumed = run_id, True
+
+    def advance(self, outcome: StageOutcome, pool: ThreadPoolExecutor) -> None:
+        """Move a stage on if it can: skip it, see whether the run it waits for ended, or start it."""
+        if outcome.status == "waiting":
+            self.check_waiting(outcome)
+        if outcome.status != "pending":
+            return
+        teachers = [self.outcomes[t].status for t in outcome.teachers]
+        if any(s in ("failed", "skipped") for s in teachers):
+            outcome.status, outcome.error = "skipped", "a teacher stage did not finish"
+        elif all(self.outcomes[t].finished for t in outcome.teachers):
+            cpus, gpus = worker_demand(self.plan.stages[outcome.name].spec.workers)
+            if not self.running or (cpus <= self.free[0] + 1e-9 and gpus <= self.free[1] + 1e-9):
+                self.start(outcome, pool)
+
+    def check_waiting(self, outcome: StageOutcome) -> None:
+        """A run another driver holds: reuse it once it finished; look again once its driver is gone."""
+        try:
+            run = self.tracker.get_run(outcome.run_id)
+        except TrackingError:
+            return
+        if run_is_live(run):
+            return
+        outcome.status, outcome.run_id, outcome.error = "pending", "", ""
+        self.look_up(outcome)
+
+    def start(self, outcome: StageOutcome, pool: ThreadPoolExecutor) -> None:
+        name, job, tracker = outcome.name, self.job, self.tracker
+        stage = self.plan.stages[name]
         workers = stage.spec.workers.count
-        if steps_per_epoch(data, job.data.batch_size, workers) == 0:
+        if steps_per_epoch(self.data, job.data.batch_size, workers) == 0:
             outcome.status = "failed"
             outcome.error = (
                 f"data: the training split gives no full batch of {job.data.batch_size} per worker with "
                 f"{workers} workers; lower data.batch_size or the stage's workers.count"
             )
             return
-        teacher_runs = {t: outcomes[t].run_id for t in stage.spec.teachers}
+        teacher_runs = {t: self.outcomes[t].run_id for t in stage.spec.teachers}
         try:
-            if outcome.resumed:
-                tracker.reopen(outcome.run_id, parent, name)
-            else:
-                outcome.run_id = tracker.start_stage_run(
-                    experiment, parent, job.name, name, prints[name], stage.config, teacher_runs
-                )
+            if not self.claim(outcome, stage.config, teacher_runs):
+                return
         except TrackingError as err:
             outcome.status, outcome.error = "failed", str(err)
             return
+        if self.board is None:
+            self.start_ray()
         task = StageTask(
             job.name,
             stage.config,
-            data,
+            self.data,
             job.data,
             tuple(TeacherRef(t, run) for t, run in teacher_runs.items()),
             tracker.uri,
@@ -197,71 +260,81 @@ def run_job(
         )
         outcome.status, outcome.seconds = "running", time.perf_counter()
         cpus, gpus = worker_demand(stage.spec.workers)
-        free[0] -= cpus
-        free[1] -= gpus
-        running[pool.submit(launch_stage, task, stage.spec.workers, storage, job.checkpoint)] = name
+        self.free[0] -= cpus
+        self.free[1] -= gpus
+        self.running[pool.submit(launch_stage, task, stage.spec.workers, self.storage, job.checkpoint)] = name
 
-    def finish(future: Future) -> None:
-        name = running.pop(future)
-        outcome = outcomes[name]
+    def claim(self, outcome: StageOutcome, config: dict, teacher_runs: dict[str, str]) -> bool:
+        """Hold the stage's run (a new one, or the interrupted one to resume); False when another driver holds
+        it instead, and the stage then waits for that driver."""
+        tracker = self.tracker
+        if outcome.resumed:
+            if not tracker.take_over(outcome.run_id):
+                outcome.status, outcome.resumed = "waiting", False
+                return False
+            tracker.reopen(outcome.run_id, self.parent, outcome.name)
+            return True
+        outcome.run_id = tracker.start_stage_run(
+            self.experiment, self.parent, self.job.name, outcome.name, outcome.fingerprint, config, teacher_runs
+        )
+        first = tracker.first_live_run(self.experiment, outcome.fingerprint)
+        if first is not None and first.info.run_id != outcome.run_id:  # another driver created one first
+            tracker.discard(outcome.run_id)
+            outcome.status, outcome.run_id = "waiting", first.info.run_id
+            outcome.error = f"run {first.info.run_id} is being trained {Lease.of(first).describe()}"
+            return False
+        return True
+
+    def start_ray(self) -> None:
+        import ray
+
+        from pipeline.progress import open_board
+
+        ensure_ray(self.verbose)
+        self.board = open_board(self.job.name)
+        capacity = ray.cluster_resources()
+        self.free = [capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)]
+
+    def finish(self, future: Future) -> None:
+        name = self.running.pop(future)
+        outcome = self.outcomes[name]
         outcome.seconds = time.perf_counter() - outcome.seconds
-        cpus, gpus = worker_demand(plan.stages[name].spec.workers)
-        free[0] += cpus
-        free[1] += gpus
+        cpus, gpus = worker_demand(self.plan.stages[name].spec.workers)
+        self.free[0] += cpus
+        self.free[1] += gpus
         try:
             future.result()
             outcome.status = "done"
         except Exception as err:  # a failed stage fails its descendants, never its siblings
             outcome.status, outcome.error = "failed", one_line(err)
         try:
-            tracker.finish(outcome.run_id, "FINISHED" if outcome.status == "done" else "FAILED")
-            outcome.metrics = tracker.latest_metrics(outcome.run_id)  # all epochs' metrics, resumed or not
+            self.tracker.finish(outcome.run_id, "FINISHED" if outcome.status == "done" else "FAILED")
+            outcome.metrics = self.tracker.latest_metrics(outcome.run_id)  # all epochs' metrics, resumed or not
         except TrackingError as err:  # the run stays RUNNING in MLflow; a rerun resumes it
             outcome.status, outcome.error = "failed", outcome.error or str(err)
 
-    # Stages that more stages wait on go first: a teacher before an independent baseline.
-    launch_order = sorted(plan.order, key=lambda n: -len(plan.downstream(n)))
-    with ThreadPoolExecutor(max_workers=len(plan.order)) as pool:
-        while any(o.status in ("pending", "running") for o in outcomes.values()):
-            for name in launch_order:
-                outcome = outcomes[name]
-                if outcome.status != "pending":
-                    continue
-                teachers = [outcomes[t].status for t in outcome.teachers]
-                if any(s in ("failed", "skipped") for s in teachers):
-                    outcome.status, outcome.error = "skipped", "a teacher stage did not finish"
-                elif all(outcomes[t].finished for t in outcome.teachers):
-                    cpus, gpus = worker_demand(plan.stages[name].spec.workers)
-                    if not running or (cpus <= free[0] + 1e-9 and gpus <= free[1] + 1e-9):
-                        start(name, pool)
-            done, _ = wait(list(running), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
-            for future in done:
-                finish(future)
-            if on_poll:
-                on_poll(outcomes, ray.get(board.snapshot.remote()))
-    ok = all(o.finished for o in outcomes.values())
-    with contextlib.suppress(TrackingError):  # a tracking outage is already each stage's reported error
-        tracker.finish(parent, "FINISHED" if ok else "FAILED")
-    ray.kill(board)
-    return outcomes
+    def renew_leases(self) -> None:
+        """The heartbeat of every run this driver trains, a few times per lease."""
+        if time.monotonic() - self.renewed < lease_seconds() / 3:
+            return
+        self.renewed = time.monotonic()
+        with contextlib.suppress(TrackingError):  # an outage fails the stage itself; a missed beat is not fatal
+            self.tracker.renew([self.outcomes[name].run_id for name in self.running.values()])
 
+    def progress(self) -> dict:
+        import ray
 
-def find_earlier_run(
-    tracker: Tracker, experiment: str, parent: str, outcome: StageOutcome, job: str, storage: str
-) -> None:
-    """Reuse a finished run of this exact stage (same fingerprint), or resume an interrupted one that left a
-    checkpoint (in MLflow, or in Ray Train's storage); otherwise the stage trains from scratch."""
-    found = tracker.find_finished_stage(experiment, outcome.fingerprint, artifacts.FINAL_WEIGHTS)
-    if found:
-        outcome.status, (outcome.run_id, outcome.metrics) = "reused", found
-        tracker.set_tags(parent, {f"kdpipe.reused.{outcome.name}": outcome.run_id})
-        return
-    interrupted = tracker.find_interrupted_stage(experiment, outcome.fingerprint)
-    if interrupted is None:
-        return
-    run_id = interrupted.info.run_id
-    if artifacts.stored_checkpoints(tracker, run_id) or storage_holds(storage, ray_run_name(job, outcome.name, run_id)):
-        outcome.run_id, outcome.resumed = run_id, True
+        return ray.get(self.board.snapshot.remote()) if self.board is not None else {}
+
+    def release(self) -> None:
+        """On the way out: runs still held (an interrupt, an error) may be taken over at once; the board goes."""
+        with contextlib.suppress(TrackingError):
+            for name in self.running.values():
+                self.tracker.release(self.outcomes[name].run_id)
+        if self.board is not None:
+            import ray
+
+            ray.kill(self.board)
 
 
 def one_line(err: BaseException) -> str:

@@ -6,33 +6,29 @@ This module knows no runtime (no torch, Ray or MLflow), so `kdpipe validate` is 
 
 from __future__ import annotations
 
+import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
 
 DataSource = Literal["synthetic", "imagefolder", "cifar", "fashion-mnist", "shards"]
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# What a job file may hold at most, so that no file makes kdpipe hang or exhaust memory: its size, its nesting
+# and the number of values once YAML aliases are expanded (a few kilobytes of anchors can expand to billions).
+MAX_JOB_BYTES, MAX_NESTING, MAX_VALUES = 1 << 20, 64, 100_000
+SEED_LIMIT = 2**32  # seeds go to torch, numpy and Python's random: below 2^32 all of them take it
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors: a typo in a job file must never be silently ignored."""
+    """Unknown keys are errors: a typo in a job file must never be silently ignored. Floats must be finite."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataSpec(Strict):
@@ -44,25 +40,27 @@ class DataSpec(Strict):
         "fashion-mnist: the folder of IDX .gz files; shards: a folder written by 'kdpipe data shard', "
         "or its URL (https://, gs://, s3://)",
     )
-    classes: PositiveInt = Field(10, description="synthetic: number of classes; cifar: 10 or 100")
-    image_size: PositiveInt = Field(32, description="side of the square images the models see")
-    train_size: PositiveInt = Field(2000, description="synthetic: training images")
-    val_size: PositiveInt = Field(500, description="synthetic: held-out images")
-    train_subset: PositiveInt | None = Field(
+    classes: int = Field(10, ge=2, le=100_000, description="synthetic: number of classes; cifar: 10 or 100")
+    image_size: int = Field(32, ge=8, le=4096, description="side of the square images the models see")
+    train_size: int = Field(2000, ge=1, le=10_000_000, description="synthetic: training images")
+    val_size: int = Field(500, ge=1, le=10_000_000, description="synthetic: held-out images")
+    train_subset: int | None = Field(
         None,
+        ge=1,
+        le=100_000_000,
         description="cifar, fashion-mnist: train on the first N training samples only (their files are in a "
         "shuffled order); part of the data's identity",
     )
-    shard_size: PositiveInt = Field(500, description="synthetic: samples per tar shard")
-    batch_size: PositiveInt = Field(64, description="samples per worker per step")
+    shard_size: int = Field(500, ge=1, le=1_000_000, description="synthetic: samples per tar shard")
+    batch_size: int = Field(64, ge=1, le=65_536, description="samples per worker per step")
     augment: bool = Field(True, description="random crop and flip for training (off: evaluation transforms)")
-    loader_workers: NonNegativeInt = Field(1, description="DataLoader processes per training worker")
+    loader_workers: int = Field(1, ge=0, le=256, description="DataLoader processes per training worker")
     bad_samples: Literal["fail", "skip"] = Field(
         "fail",
         description="shards: a missing or unreadable shard or an undecodable image stops the stage (fail), or is "
         "skipped and counted in the stage's data/skipped metric (skip)",
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="synthetic: the generator's seed")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataSpec:
@@ -90,37 +88,39 @@ def is_url(path: str) -> bool:
 
 
 class TrackingSpec(Strict):
-    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI; sqlite keeps artifacts beside the file")
-    experiment: str = "kdpipe"
+    uri: str = Field(
+        "sqlite:///mlflow.db", max_length=4096, description="MLflow tracking URI; sqlite keeps artifacts beside it"
+    )
+    experiment: str = Field("kdpipe", min_length=1, max_length=256)
 
 
 class OptimizerSpec(Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: PositiveFloat = 0.05
-    momentum: NonNegativeFloat = 0.9
+    lr: float = Field(0.05, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: NonNegativeFloat = 5e-4
+    weight_decay: float = Field(5e-4, ge=0, le=1)
 
 
 class ScheduleSpec(Strict):
     name: Literal["constant", "cosine", "step"] = "cosine"
-    warmup_epochs: NonNegativeFloat = 0.0
-    milestones: list[PositiveInt] = Field(
-        default_factory=list, description="step: epochs (from 1) after which lr *= gamma"
+    warmup_epochs: float = Field(0.0, ge=0, le=100_000)
+    milestones: list[int] = Field(
+        default_factory=list, max_length=1000, description="step: epochs (from 1) after which lr *= gamma"
     )
-    gamma: PositiveFloat = 0.1
+    gamma: float = Field(0.1, gt=0, le=1)
 
 
 class DeepSpeedSpec(Strict):
     zero_stage: Literal[0, 1, 2] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    gradient_clipping: NonNegativeFloat = 0.0
+    gradient_clipping: float = Field(0.0, ge=0, le=1e6)
 
 
 class WorkersSpec(Strict):
-    count: PositiveInt = Field(2, description="Ray Train workers (data-parallel ranks)")
-    cpus: PositiveFloat = 1.0
-    gpus: NonNegativeFloat = 0.0
+    count: int = Field(2, ge=1, le=4096, description="Ray Train workers (data-parallel ranks)")
+    cpus: float = Field(1.0, gt=0, le=1024)
+    gpus: float = Field(0.0, ge=0, le=64)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK",
         description="Ray placement strategy of the workers: PACK fills a node first (fast collectives), SPREAD "
@@ -129,19 +129,30 @@ class WorkersSpec(Strict):
 
 
 class StageSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    model: str
-    teachers: list[str] = Field(default_factory=list, description="earlier stages whose final weights it learns from")
-    method: str = "ce"
+    name: str = Field(pattern=NAME, max_length=100)
+    model: str = Field(max_length=100)
+    teachers: list[str] = Field(
+        default_factory=list, max_length=64, description="earlier stages whose final weights it learns from"
+    )
+    method: str = Field("ce", max_length=100)
     params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
-    epochs: PositiveInt
+    epochs: int = Field(ge=1, le=100_000)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
 
     @model_validator(mode="after")
-    def _fp16_needs_a_gpu(self) -> StageSpec:
+    def _consistent(self) -> StageSpec:
+        schedule = self.schedule
+        if schedule.warmup_epochs > self.epochs:
+            raise ValueError(f"schedule.warmup_epochs: at most the stage's {self.epochs} epochs")
+        if schedule.milestones != sorted(set(schedule.milestones)) or any(
+            not 0 < m < self.epochs for m in schedule.milestones
+        ):
+            raise ValueError(f"schedule.milestones: increasing epochs between 1 and {self.epochs - 1}")
+        if len(set(self.teachers)) < len(self.teachers):
+            raise ValueError("teachers: each teacher once")
         if self.deepspeed.precision == "fp16" and not self.workers.gpus:
             raise ValueError(
                 "deepspeed.precision: fp16 needs GPU workers (workers.gpus > 0), DeepSpeed has none on CPU; "
@@ -155,50 +166,117 @@ class CheckpointSpec(Strict):
 
     Not part of any stage's fingerprint: when a stage saves changes nothing about what it learns."""
 
-    every_steps: NonNegativeInt = Field(0, description="save every N optimizer steps (0: off)")
-    every_minutes: NonNegativeFloat = Field(15.0, description="save when this many minutes have passed (0: off)")
-    keep: PositiveInt = Field(2, description="checkpoints kept in the MLflow run; older ones are deleted")
-    max_restarts: NonNegativeInt = Field(
-        2, description="times Ray Train restarts a stage's workers from the latest checkpoint after a failure"
+    every_steps: int = Field(0, ge=0, le=10**9, description="save every N optimizer steps (0: off)")
+    every_minutes: float = Field(15.0, ge=0, le=525_600, description="save when this many minutes have passed (0: off)")
+    keep: int = Field(2, ge=1, le=1000, description="checkpoints kept in the MLflow run; older ones are deleted")
+    max_restarts: int = Field(
+        2,
+        ge=0,
+        le=1000,
+        description="times Ray Train restarts a stage's workers from the latest checkpoint after a failure",
     )
 
 
 class JobSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
+    name: str = Field(pattern=NAME, max_length=100)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     workdir: str = Field(
-        "kdpipe-out", description="where Ray Train keeps checkpoints: a folder all nodes see, or an s3:// or gs:// URL"
+        "kdpipe-out",
+        max_length=4096,
+        description="where Ray Train keeps checkpoints: a folder all nodes see, or an s3:// or gs:// URL",
     )
     data: DataSpec
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     checkpoint: CheckpointSpec = Field(
         default_factory=CheckpointSpec, description="also saved at the end of every epoch"
     )
-    stages: list[StageSpec] = Field(min_length=1)
+    stages: list[StageSpec] = Field(min_length=1, max_length=1000)
 
 
-def load_job(path: str | Path) -> JobSpec:
-    """Read and validate a job file; any problem is a one-line `UserError`."""
+def load_job(path: str | Path, check_paths: bool = True) -> JobSpec:
+    """Read and validate a job file; any problem is a one-line `UserError`. `check_paths=False` leaves data paths
+    to the machine that reads them (`kdpipe submit`: the cluster's shared storage, not the laptop's disk)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read job file ({err.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise UserError(f"{path}{where}: YAML syntax error: {problem}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of job fields at the top level, got {type(raw).__name__}")
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as err:
         raise UserError(f"{path}: {describe_error(err)}") from None
-    check_data_path(spec.data, path)
+    if check_paths:
+        check_data_path(spec.data, path)
     return spec
+
+
+def read_yaml(path: Path) -> Any:
+    """A job file's YAML as plain data, refusing what could hang or exhaust memory: more than MAX_JOB_BYTES, text
+    that is not UTF-8, nesting deeper than MAX_NESTING, more than MAX_VALUES values once aliases are expanded."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_JOB_BYTES + 1)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read job file ({err.strerror})") from None
+    if len(data) > MAX_JOB_BYTES:
+        raise UserError(f"{path}: over {MAX_JOB_BYTES} bytes; expected a YAML job file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: byte {err.start} is not UTF-8; expected a YAML job file in UTF-8") from None
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        check_size(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}{where}: YAML syntax error: {problem}") from None
+    except TooLarge as err:
+        raise UserError(f"{path}: {err}; expected a job file") from None
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested deeper than {MAX_NESTING} levels") from None
+    except (ValueError, OverflowError) as err:  # e.g. an integer of more digits than Python converts
+        raise UserError(f"{path}: a value YAML cannot hold as a number ({str(err)[:120]})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+class TooLarge(Exception):
+    """YAML whose structure would take unbounded time or memory to build."""
+
+
+def check_size(root: yaml.Node) -> None:
+    """Refuse a YAML node graph nested deeper than MAX_NESTING, holding more than MAX_VALUES values with its
+    aliases expanded, or containing itself through an alias: counted once per node, without recursion."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, depth, children_done = stack.pop()
+        if depth > MAX_NESTING:
+            raise RecursionError
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[id(node)] > MAX_VALUES:
+                raise TooLarge(f"more than {MAX_VALUES} values once its aliases are expanded")
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_nodes:
+            raise TooLarge("a YAML alias refers to a node that contains it")
+        open_nodes.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((child, depth + 1, False) for child in children if id(child) not in sizes)
 
 
 def check_data_path(data: DataSpec, job_path: Path) -> None:
@@ -219,7 +297,16 @@ def describe_error(err: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if not loc:
         return message
-    return f"{where}: {message} (got {first['input']!r})"
+    return f"{where}: {message} (got {short_repr(first['input'])})"
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """A value as the error line shows it: never longer than `limit` characters, whatever the file held."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python prints
+        text = f"an integer of over {sys.get_int_max_str_digits()} digits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def field_path(loc: tuple) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pipeline.data import data_identity
 from pipeline.plan import Plan
-from pipeline.tracking import TAG_CHECKPOINT, Tracker
+from pipeline.tracking import TAG_CHECKPOINT, Tracker, run_is_live
 
 RUN_STATES = {"FINISHED": "done", "RUNNING": "running"}  # FAILED and KILLED runs show as failed
 
@@ -17,7 +17,7 @@ RUN_STATES = {"FINISHED": "done", "RUNNING": "running"}  # FAILED and KILLED run
 class StageStatus:
     name: str
     method: str
-    state: str  # pending | running | done | reused | failed
+    state: str  # pending | outdated | running | interrupted | done | reused | failed
     run_id: str = ""
     epochs: str = ""  # "done/planned"
     step: int = 0  # the global step of the stage's latest checkpoint
@@ -35,12 +35,16 @@ def job_status(plan: Plan, tracker: Tracker, experiment_id: str) -> list[StageSt
         spec = plan.stages[name].spec
         run = tracker.latest_stage_run(experiment_id, prints[name]) if prints else None
         if run is None:
-            rows.append(StageStatus(name, spec.method, "pending"))
+            older = tracker.latest_finished_stage_run(experiment_id, plan.job.name, name)
+            # trained before, but something it learns from has changed since (or kdpipe's fingerprint rule has)
+            rows.append(StageStatus(name, spec.method, "outdated" if older else "pending", older or ""))
             continue
         run_id = run.info.run_id
         state = RUN_STATES.get(run.info.status, "failed")
         if state == "done" and tags.get(f"kdpipe.reused.{name}") == run_id:
             state = "reused"  # the latest `kdpipe run` of this job took it from an earlier one
+        if state == "running" and not run_is_live(run):
+            state = "interrupted"  # its driver is gone: the next `kdpipe run` resumes it
         history = tracker.client.get_metric_history(run_id, "val/top1")
         checkpoint = run.data.tags.get(TAG_CHECKPOINT, "step-0")
         ended = run.info.end_time or time.time() * 1000

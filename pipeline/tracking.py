@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -29,9 +32,61 @@ TAG_KIND, TAG_JOB, TAG_STAGE, TAG_FINGERPRINT = "kdpipe.kind", "kdpipe.job", "kd
 TAG_TEACHER = "kdpipe.teacher"  # kdpipe.teacher.<stage> = the MLflow run whose weights this stage learned from
 TAG_CHECKPOINT, TAG_RESUMED = "kdpipe.checkpoint", "kdpipe.resumed_from"
 TAG_NODE = "kdpipe.node"  # kdpipe.node.<rank> = the Ray node id that rank of the stage ran on
+TAG_HOLDER, TAG_HEARTBEAT = "kdpipe.lease.holder", "kdpipe.lease.heartbeat"  # the driver training a run, and when
+# it last said so (seconds since the epoch). A lease older than KDPIPE_LEASE_SECONDS is stale: its driver is gone.
+DEFAULT_LEASE_SECONDS = 180.0
+LEASE_SETTLE_SECONDS = 1.0  # a driver taking over a stale run reads the lease back after this long: last writer wins
+# This process, as a lease names it: host, pid and a random part (pids are reused).
+DRIVER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 # kdpipe prints its own table of run ids; MLflow's per-run "View run at" lines would break into the progress bars.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def lease_seconds() -> float:
+    return float(os.environ.get("KDPIPE_LEASE_SECONDS", DEFAULT_LEASE_SECONDS))
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who trains a run: the driver and its last heartbeat."""
+
+    holder: str
+    heartbeat: float
+
+    @classmethod
+    def of(cls, run: Run) -> Lease:
+        tags = run.data.tags
+        try:
+            heartbeat = float(tags.get(TAG_HEARTBEAT, "0"))
+        except ValueError:
+            heartbeat = 0.0
+        return cls(tags.get(TAG_HOLDER, ""), heartbeat)
+
+    @property
+    def live(self) -> bool:
+        """Renewed within the lease time, by a driver that (if it ran on this host) still exists."""
+        if not self.holder or time.time() - self.heartbeat > lease_seconds():
+            return False
+        host, pid, _ = (self.holder.split(":") + ["", "", ""])[:3]
+        if host == socket.gethostname() and pid.isdigit() and pid != str(os.getpid()):
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                pass
+        return True
+
+    def describe(self) -> str:
+        host, pid, _ = (self.holder.split(":") + ["", "", ""])[:3]
+        since = time.strftime("%H:%M:%S", time.localtime(self.heartbeat))
+        return f"by the kdpipe driver pid {pid} on {host} (heartbeat {since})"
+
+
+def run_is_live(run: Run) -> bool:
+    """An unfinished run that a living driver holds."""
+    return run.info.status == "RUNNING" and Lease.of(run).live
 
 
 class TrackingError(Exception):
@@ -74,10 +129,30 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+@contextlib.contextmanager
+def store_creation_lock(uri: str) -> Iterator[None]:
+    """Processes opening one new sqlite store at once would each run MLflow's schema migrations on it, and all but
+    one fail; a file lock beside the database lets one create it while the others wait."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Tracker:
     def __init__(self, uri: str):
         self.uri = resolve_uri(uri)
-        self.client = GuardedClient(self.uri)
+        with store_creation_lock(self.uri):
+            self.client = GuardedClient(self.uri)
 
     def experiment_id(self, name: str) -> str:
         """Get or create the experiment; a sqlite store keeps artifacts beside its database file."""
@@ -116,6 +191,8 @@ class Tracker:
             TAG_FINGERPRINT: fingerprint,
             MLFLOW_PARENT_RUN_ID: parent_id,
             MLFLOW_RUN_NAME: stage,
+            TAG_HOLDER: DRIVER,  # created held: another driver never trains it while this one lives
+            TAG_HEARTBEAT: str(time.time()),
         }
         run = self.client.create_run(experiment_id, tags=tags, run_name=stage)
         params = [Param(key, str(value)) for key, value in flatten(config).items()]
@@ -142,12 +219,49 @@ class Tracker:
         return None
 
     def find_interrupted_stage(self, experiment_id: str, fingerprint: str) -> Run | None:
-        """The newest run of this fingerprint that never finished (its driver or workers died, or it failed)."""
+        """The newest run of this fingerprint that never finished (its driver or workers died, or it failed), or
+        one another driver is training (see `Lease`)."""
         unfinished = f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and attributes.status != 'FINISHED'"
         return self._newest(experiment_id, unfinished)
 
+    def first_live_run(self, experiment_id: str, fingerprint: str) -> Run | None:
+        """Of the runs of this fingerprint that living drivers hold, the first created: drivers that created runs
+        of one stage at the same moment all agree that this one trains it."""
+        running = f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}' and attributes.status = 'RUNNING'"
+        runs = [run for run in self.client.search_runs([experiment_id], running) if run_is_live(run)]
+        return min(runs, key=lambda run: (run.info.start_time, run.info.run_id), default=None)
+
+    def take_over(self, run_id: str) -> bool:
+        """Hold a run whose driver is gone; False if another driver took it at the same moment (the lease is
+        written, left to settle, and read back: the last writer holds it)."""
+        self.renew([run_id])
+        time.sleep(LEASE_SETTLE_SECONDS)
+        return Lease.of(self.client.get_run(run_id)).holder == DRIVER
+
+    def renew(self, run_ids: list[str]) -> None:
+        """The heartbeat of runs this driver trains."""
+        for run_id in run_ids:
+            self.set_tags(run_id, {TAG_HOLDER: DRIVER, TAG_HEARTBEAT: str(time.time())})
+
+    def release(self, run_id: str) -> None:
+        """Give up a run this driver was training (it stops): the next driver may resume it at once."""
+        self.set_tags(run_id, {TAG_HEARTBEAT: "0"})
+
+    def get_run(self, run_id: str) -> Run:
+        return self.client.get_run(run_id)
+
+    def discard(self, run_id: str) -> None:
+        """A run created at the same moment as another driver's run of the same stage, which trains instead."""
+        self.client.delete_run(run_id)
+
     def latest_stage_run(self, experiment_id: str, fingerprint: str) -> Run | None:
         return self._newest(experiment_id, f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}'")
+
+    def latest_finished_stage_run(self, experiment_id: str, job: str, stage: str) -> str | None:
+        """The newest FINISHED run of a job's stage, whatever its fingerprint."""
+        which = f"tags.`{TAG_JOB}` = '{job}' and tags.`{TAG_STAGE}` = '{stage}' and attributes.status = 'FINISHED'"
+        run = self._newest(experiment_id, which)
+        return run.info.run_id if run else None
 
     def latest_job_run(self, experiment_id: str, job: str) -> Run | None:
         return self._newest(experiment_id, f"tags.`{TAG_KIND}` = 'job' and tags.`{TAG_JOB}` = '{job}'")

@@ -50,6 +50,7 @@ def manifest_mismatch(folder: Path) -> str:
     manifest = read_manifest(folder)
     entry = manifest["splits"]["train"]["shards"][0]
     entry["count"] -= 1
+    manifest["splits"]["train"]["count"] -= 1  # a consistent manifest: only the tar tells the truth
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return f"{train_shard(folder)}: {entry['count'] + 1} samples, manifest says {entry['count']}"
 

@@ -37,7 +37,10 @@ CASES = {
         edit(lambda j: j.update(data={"source": "imagefolder", "path": "/no/such/imagenet"})),
         ["data.path", "/no/such/imagenet"],
     ),
-    "negative epochs": (edit(lambda j: j["stages"][1].update(epochs=-3)), ["stages[1].epochs", "greater than 0"]),
+    "negative epochs": (
+        edit(lambda j: j["stages"][1].update(epochs=-3)),
+        ["stages[1].epochs", "greater than or equal to 1"],
+    ),
     "zero workers": (edit(lambda j: j["stages"][0].update(workers={"count": 0})), ["stages[0].workers.count"]),
     "empty stages": (edit(lambda j: j.update(stages=[])), ["stages", "at least 1"]),
     "yaml syntax": ("name: bad\nstages: [\n  - {name: a\n", ["YAML syntax error", ":"]),

@@ -21,6 +21,7 @@ import requests
 import torch
 
 from pipeline import artifacts
+from pipeline.cli import main
 from pipeline.models import load_weights
 from pipeline.plan import load_plan
 from pipeline.runner import ray_run_name, run_job
@@ -77,10 +78,12 @@ def final_metric(tracker: Tracker, run_id: str, key: str) -> float:
     return tracker.client.get_metric_history(run_id, key)[-1].value
 
 
-def test_driver_killed_mid_stage_resumes_from_its_mlflow_checkpoint(ray_local, finished_chain):
+def test_driver_killed_mid_stage_resumes_from_its_mlflow_checkpoint(ray_local, finished_chain, capsys):
     """Points 2 and 5: change one hyperparameter of stage 2 of the finished chain and run it; SIGKILL the driver
     during stage 2. The rerun reuses stage 1, continues stage 2 from its last checkpoint artifact in the same
-    MLflow run (the step count goes on from there) and trains stage 3, both in new runs beside the old ones."""
+    MLflow run (the step count goes on from there) and trains stage 3, both in new runs beside the old ones.
+    Issue 16, point 3: the killed driver's lease (a 5 s one here) is stale, `kdpipe status` says `interrupted`,
+    and the rerun takes the run over at once."""
     root, plan, first = finished_chain
     changed = plan.job.model_dump()
     changed["stages"][1]["optimizer"]["lr"] = 0.02
@@ -88,7 +91,8 @@ def test_driver_killed_mid_stage_resumes_from_its_mlflow_checkpoint(ray_local, f
     path = write_job(root / "changed.yaml", changed)
     tracker = Tracker(plan.job.tracking.uri)
     known = {run.info.run_id for run in stage_runs(tracker, "assistant")}
-    driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=cluster_env(ray_local), stderr=subprocess.DEVNULL)
+    env = cluster_env(ray_local, KDPIPE_LEASE_SECONDS="5")
+    driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=env, stderr=subprocess.DEVNULL)
     assistant = wait_for_checkpoint(tracker, "assistant", driver, known)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
@@ -98,6 +102,10 @@ def test_driver_killed_mid_stage_resumes_from_its_mlflow_checkpoint(ray_local, f
     assert 0 < int(stored[-1].split("-")[-1]) < epochs * CHAIN_STEPS_PER_EPOCH
     assert len(stored) <= CHECKPOINTING["keep"]
     assert tracker.client.get_run(assistant).info.status == "RUNNING"  # nobody lived to close it
+    capsys.readouterr()
+    assert main(["status", str(path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "│ assistant " in line)
+    assert " interrupted " in row and assistant in row, row
     # Remove Ray Train's storage of the run, as on a new machine: only MLflow's artifact is left to resume from.
     shutil.rmtree(Path(plan.job.workdir) / "ray" / ray_run_name("tiny", "assistant", assistant))
 

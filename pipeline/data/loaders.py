@@ -25,6 +25,7 @@ from torchvision.transforms import v2
 from pipeline.data import NORMALIZATION, PreparedData, uncompressed_fashion_mnist
 from pipeline.data.order import LOADER_CONTEXT, epoch_seed, loader_generator
 from pipeline.data.shard_reader import ShardData, geometry
+from pipeline.data.shards import decode_image
 from pipeline.spec import DataSpec
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -51,10 +52,13 @@ def open_data(prepared: PreparedData, spec: DataSpec, seed: int, rank: int, worl
 
 
 def image_transforms(size: int, mean: tuple, std: tuple, train: bool) -> v2.Compose:
-    """An RGB PIL image to a normalized float tensor, with the shard reader's geometry."""
-    return v2.Compose(
-        [geometry(size, train), v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    )
+    """A uint8 RGB image tensor to a normalized float tensor, with the shard reader's geometry."""
+    return v2.Compose([geometry(size, train), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def read_rgb(path: str) -> torch.Tensor:
+    """An image file as a uint8 RGB tensor, by the shard reader's decoder (ImageFolder's loader)."""
+    return decode_image(Path(path).read_bytes())
 
 
 class TensorData:
@@ -132,9 +136,11 @@ class FolderData:
         mean, std = NORMALIZATION[prepared.normalization]
         root = Path(prepared.path)
         self.train = datasets.ImageFolder(
-            str(root / "train"), image_transforms(prepared.image_size, mean, std, spec.augment)
+            str(root / "train"), image_transforms(prepared.image_size, mean, std, spec.augment), loader=read_rgb
         )
-        val = datasets.ImageFolder(str(root / "val"), image_transforms(prepared.image_size, mean, std, False))
+        val = datasets.ImageFolder(
+            str(root / "val"), image_transforms(prepared.image_size, mean, std, False), loader=read_rgb
+        )
         self.val = Subset(val, range(rank, len(val), world))  # each held-out image on exactly one rank
         self.num_classes = len(self.train.classes)
         self.sampler = DistributedSampler(self.train, world, rank, shuffle=True, seed=seed, drop_last=True)

@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 
 from pipeline.data import NORMALIZATION, PreparedData
 from pipeline.data.order import LOADER_CONTEXT, epoch_seed, loader_generator
-from pipeline.data.shards import IMAGE_EXTENSIONS, decode_image, decode_problem, location_of, read_manifest
+from pipeline.data.shards import IMAGE_EXTENSIONS, BadImage, decode_image, location_of, read_manifest
 from pipeline.spec import DataSpec
 
 Piece = tuple[str, int, int]  # shard name, first sample, end sample (exclusive)
@@ -81,12 +81,11 @@ def read_range(
                 image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
                 try:
                     if image is None:
-                        raise OSError("no jpg or png in the sample")
+                        raise BadImage("no jpg or png in the sample")
                     pixels = transform(decode_image(image))
-                except OSError as err:
+                except BadImage as err:
                     if not skip:
-                        problem = decode_problem(err)
-                        raise BadDataError(f"{url}: undecodable image {sample['__key__']} ({problem})") from None
+                        raise BadDataError(f"{url}: undecodable image {sample['__key__']} ({err})") from None
                     missing += 1
                     continue
                 recent.append((pixels, int(sample["cls"]), sample["__key__"], 1))
@@ -120,7 +119,7 @@ def collate(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str
 
 def geometry(size: int, train: bool) -> v2.Compose:
     """ImageNet recipe (RandomResizedCrop + flip; resize + centre crop) above 64 px, CIFAR recipe below it, on
-    PIL images: cropping first means only the crop is resized and converted to a tensor."""
+    uint8 image tensors: cropping first means only the crop is resized."""
     if size > 64:
         steps = (
             [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
@@ -145,9 +144,7 @@ class ShardData:
         val_shards = [(s["name"], s["count"]) for s in manifest["splits"]["val"]["shards"]]
         self.val_ranges = self._rank_ranges(val_shards, 1)  # the same every epoch; batch 1: every sample dealt out
         # uint8 tensors out of the workers (a quarter of float32's bytes to move); one float conversion per batch
-        self.train_tf, self.val_tf = (
-            v2.Compose([geometry(prepared.image_size, t), v2.PILToTensor()]) for t in (spec.augment, False)
-        )
+        self.train_tf, self.val_tf = (geometry(prepared.image_size, t) for t in (spec.augment, False))
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION[prepared.normalization])
         self.scale, self.shift = 1 / (255 * std), -mean / std
         self.skipped = 0  # samples skipped in the current epoch's batches (bad_samples: skip)

@@ -18,6 +18,8 @@ from PIL import Image
 
 from pipeline.terminal import tracked
 
+CHUNK_PIXELS = 1 << 20  # pixels generated at once: about 100 MB of float64 working arrays
+
 
 def grating_images(label: int, count: int, classes: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """`count` uint8 H x W x 3 images of class `label`."""
@@ -45,5 +47,8 @@ def write_image_folder(root: Path, classes: int, size: int, train_size: int, val
         for label in tracked(range(classes), f"synthetic {split} images"):
             folder = root / split / f"class_{label:02d}"
             folder.mkdir(parents=True, exist_ok=True)
-            for i, pixels in enumerate(grating_images(label, per_class[label], classes, size, rng)):
-                Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
+            chunk = max(1, CHUNK_PIXELS // (size * size))  # a bounded number of float images in memory at once
+            for first in range(0, per_class[label], chunk):
+                count = min(chunk, per_class[label] - first)
+                for i, pixels in enumerate(grating_images(label, count, classes, size, rng), first):
+                    Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)

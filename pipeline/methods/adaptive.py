@@ -32,11 +32,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat, PositiveFloat
+from pydantic import Field
 from torch import nn
 
 from pipeline.methods.at import at_loss, stage_pairs
-from pipeline.methods.base import Method, Params
+from pipeline.methods.base import Method, Params, Temperature, Weight
 from pipeline.methods.kd import kd_loss
 from pipeline.models.features import Connector
 
@@ -64,10 +64,10 @@ def gram_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 class AdaptiveParams(Params):
     paths: list[Path] = Field(default_factory=lambda: ["at", "st"], min_length=1)
-    weights: dict[Path, NonNegativeFloat] = Field(default_factory=dict, description="w_k per path (default 1)")
+    weights: dict[Path, Weight] = Field(default_factory=dict, description="w_k per path (default 1)")
     adaptive: bool = Field(True, description="learn the path weights (false: fixed weights w_k)")
-    distill_weight: NonNegativeFloat = Field(1.0, description="alpha_d, the weight of the aggregated paths")
-    temperature: PositiveFloat = 4.0
+    distill_weight: Weight = Field(1.0, description="alpha_d, the weight of the aggregated paths")
+    temperature: Temperature = 4.0
     student_nodes: list[str] | None = Field(None, description="student feature nodes (default: its stage outputs)")
     teacher_nodes: list[str] | None = Field(None, description="teacher feature nodes, paired from the deepest")
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat, PositiveFloat
+from pydantic import Field
 from torch import nn
 
-from pipeline.methods.base import Method, Params
+from pipeline.methods.base import Method, Params, PositiveWeight, Weight
 from pipeline.models.features import pair_deepest, same_size, stage_nodes
 
 
@@ -40,9 +40,9 @@ def stage_pairs(params, student: nn.Module, teacher: nn.Module, image_size: int)
 
 
 class ATParams(Params):
-    beta: NonNegativeFloat = 1000.0
-    ce_weight: NonNegativeFloat = 1.0
-    p: PositiveFloat = 2.0
+    beta: Weight = 1000.0
+    ce_weight: Weight = 1.0
+    p: PositiveWeight = 2.0
     student_nodes: list[str] | None = Field(None, description="student feature nodes (default: its stage outputs)")
     teacher_nodes: list[str] | None = Field(None, description="teacher feature nodes, paired in order")
 

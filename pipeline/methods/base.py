@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pipeline.models.features import Taps, feature_shapes
 
 
 class Params(BaseModel):
-    """A method's job-file parameters; unknown keys are errors."""
+    """A method's job-file parameters; unknown keys are errors, floats must be finite."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# The value types of method parameters: bounded, so that no job file asks for a loss that overflows.
+Weight = Annotated[float, Field(ge=0, le=1e6)]
+PositiveWeight = Annotated[float, Field(gt=0, le=1e6)]
+Temperature = Annotated[float, Field(gt=0, le=100)]
+Epochs = Annotated[int, Field(ge=0, le=100_000)]
 
 
 class Method(nn.Module):
@@ -27,6 +34,9 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str]
+    # Raised by a method's module whenever what it trains changes (a loss fixed, a default changed): it is part of
+    # every fingerprint of a stage using the method, so those stages and their students train again.
+    version: ClassVar[int] = 1
     paper: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = Params
     min_teachers: ClassVar[int] = 0

@@ -24,9 +24,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat
+from pydantic import Field
 
-from pipeline.methods.base import Method, Params
+from pipeline.methods.base import Method, Params, Temperature
 from pipeline.methods.takd import takd_kl
 
 
@@ -42,7 +42,7 @@ def dropped_teachers(count: int, drop_prob: float, generator: torch.Generator | 
 
 
 class DGKDParams(Params):
-    temperature: PositiveFloat = 5.0
+    temperature: Temperature = 5.0
     kd_weight: float = Field(1.0, ge=0, le=1, description="lambda: the KD terms' weight; CE gets 1 - lambda")
     drop_prob: float = Field(0.25, ge=0, lt=1, description="chance each teacher's term is dropped per mini-batch")
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
+from pydantic import Field
 from torch import nn
 
-from pipeline.methods.base import Method, Params
+from pipeline.methods.base import Epochs, Method, Params, Temperature, Weight
 from pipeline.methods.kd import kd_loss
 from pipeline.models.features import stage_nodes
 
@@ -53,11 +53,11 @@ class ConvReg(nn.Module):
 
 
 class FitNetsParams(Params):
-    beta: NonNegativeFloat = Field(100.0, description="weight of the hint loss")
-    ce_weight: NonNegativeFloat = 1.0
-    kd_weight: NonNegativeFloat = 0.0
-    temperature: PositiveFloat = 4.0
-    hint_epochs: NonNegativeInt = Field(0, description="epochs of hint loss alone first (the paper's stage 1)")
+    beta: Weight = Field(100.0, description="weight of the hint loss")
+    ce_weight: Weight = 1.0
+    kd_weight: Weight = 0.0
+    temperature: Temperature = 4.0
+    hint_epochs: Epochs = Field(0, description="epochs of hint loss alone first (the paper's stage 1)")
     student_node: str | None = Field(None, description="the guided layer (default: the middle stage output)")
     teacher_node: str | None = Field(None, description="the hint layer (default: the middle stage output)")
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
+from pydantic import Field
 
-from pipeline.methods.base import Method, Params
+from pipeline.methods.base import Epochs, Method, Params, PositiveWeight, Weight
 from pipeline.models.features import POOLED, pair_deepest, stage_nodes
 
 KERNEL_EPS = 1e-6
@@ -68,9 +68,9 @@ def flattened(feature: torch.Tensor) -> torch.Tensor:
 
 
 class ProxyParams(Params):
-    ce_epochs: NonNegativeInt = Field(0, description="epochs of cross-entropy alone before mimicking the teacher")
-    ce_weight: NonNegativeFloat = 1.0
-    weight: PositiveFloat = Field(1.0, description="weight of the flow loss on the final representation")
+    ce_epochs: Epochs = Field(0, description="epochs of cross-entropy alone before mimicking the teacher")
+    ce_weight: Weight = 1.0
+    weight: PositiveWeight = Field(1.0, description="weight of the flow loss on the final representation")
 
 
 class InfoFlowProxy(Method):
@@ -95,10 +95,10 @@ class InfoFlowProxy(Method):
 
 
 class InfoFlowParams(Params):
-    critical_weight: PositiveFloat = Field(100.0, description="intermediate layers' weight in epoch 0")
+    critical_weight: PositiveWeight = Field(100.0, description="intermediate layers' weight in epoch 0")
     decay: float = Field(0.7, gt=0, le=1, description="the intermediate weight's factor per epoch")
-    final_weight: PositiveFloat = Field(1.0, description="the deepest pair's weight")
-    ce_weight: NonNegativeFloat = 1.0
+    final_weight: PositiveWeight = Field(1.0, description="the deepest pair's weight")
+    ce_weight: Weight = 1.0
     student_nodes: list[str] | None = Field(None, description="student taps (default: stage outputs and pooled vector)")
     teacher_nodes: list[str] | None = Field(None, description="proxy taps, paired with the student's from the deepest")
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeFloat, PositiveFloat
 
-from pipeline.methods.base import Method, Params
+from pipeline.methods.base import Method, Params, Temperature, Weight
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -27,9 +26,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 class KDParams(Params):
-    temperature: PositiveFloat = 4.0
-    ce_weight: NonNegativeFloat = 0.1
-    kd_weight: NonNegativeFloat = 0.9
+    temperature: Temperature = 4.0
+    ce_weight: Weight = 0.1
+    kd_weight: Weight = 0.9
 
 
 class KD(Method):

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeFloat
 
-from pipeline.methods.base import Method, Params
+from pipeline.methods.base import Method, Params, Weight
 from pipeline.models.features import POOLED
 
 EPS = 1e-7
@@ -36,8 +35,8 @@ def pkt_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 class PKTParams(Params):
-    beta: NonNegativeFloat = 30000.0
-    ce_weight: NonNegativeFloat = 1.0
+    beta: Weight = 30000.0
+    ce_weight: Weight = 1.0
 
 
 class PKT(Method):

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat
+from pydantic import Field
 
-from pipeline.methods.base import Method, Params
+from pipeline.methods.base import Method, Params, Weight
 from pipeline.models.features import stage_nodes
 
 
@@ -29,8 +29,8 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 class SPParams(Params):
-    beta: NonNegativeFloat = 3000.0
-    ce_weight: NonNegativeFloat = 1.0
+    beta: Weight = 3000.0
+    ce_weight: Weight = 1.0
     student_node: str | None = Field(None, description="student feature node (default: its last stage output)")
     teacher_node: str | None = Field(None, description="teacher feature node (default: its last stage output)")
 

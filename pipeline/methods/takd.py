@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat
+from pydantic import Field
 
-from pipeline.methods.base import Method, Params
+from pipeline.methods.base import Method, Params, Temperature
 from pipeline.methods.kd import kd_loss
 
 
@@ -28,7 +28,7 @@ def takd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 class TAKDParams(Params):
-    temperature: PositiveFloat = 5.0
+    temperature: Temperature = 5.0
     kd_weight: float = Field(0.5, ge=0, le=1, description="the paper's lambda: KD's weight; CE gets 1 - lambda")
 
 
