@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import yaml
 
 from pipeline import artifacts
 from pipeline.tracking import TAG_NODE, TAG_RESUMED, TAG_STAGE, Tracker
+from tests.conftest import FASHION_MNIST
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -40,6 +42,7 @@ class Cluster:
     mlflow: str
     token: str
     env: dict  # a client's environment: the token file, the MLflow login
+    storage: Path  # the folder every node shares (KDPIPE_STORAGE on the nodes); the client does not see it
 
     def kdpipe(self, *args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -125,7 +128,7 @@ def cluster(tmp_path_factory):
             )
         )
         client_env = {**node_env, "HOME": str(root)}  # no ~/.ray/auth_token of this machine's user
-        found = Cluster(dashboard, f"http://127.0.0.1:{mlflow_port}", token, client_env)
+        found = Cluster(dashboard, f"http://127.0.0.1:{mlflow_port}", token, client_env, shared)
         wait_for("the second node", lambda: len(found.node_ids()) == 2, 120, processes)
         wait_for("mlflow server", lambda: requests.get(f"{found.mlflow}/health").ok, 120, processes)
         yield found
@@ -143,11 +146,22 @@ def mlflow_login(cluster, monkeypatch):
     return Tracker(cluster.mlflow)
 
 
+CLUSTER_DATA = "datasets/fashion-mnist"  # relative: the cluster's storage holds it, the submitting machine does not
+
+
 def small_quickstart(path: Path) -> Path:
     """jobs/quickstart.yaml made small for the test's 2 cores: its teacher (2 epochs, room to stop the job between
-    checkpoints) and a student learning from it; its relative paths stay relative (to the cluster's storage)."""
+    checkpoints) and a student learning from it, on 512 Fashion-MNIST images at a path that exists only in the
+    cluster's storage; its relative paths stay relative (to that storage)."""
     job = yaml.safe_load((REPO / "jobs/quickstart.yaml").read_text())
-    job["data"].update(train_size=512, val_size=128, batch_size=32, loader_workers=0)
+    job["data"] = {
+        "source": "fashion-mnist",
+        "path": CLUSTER_DATA,
+        "train_subset": 512,
+        "image_size": 16,
+        "batch_size": 32,
+        "loader_workers": 0,
+    }
     teacher, student = job["stages"][0], job["stages"][-1]
     student["teachers"] = [teacher["name"]]
     job["stages"] = [teacher, student]
@@ -169,6 +183,10 @@ def stage_runs(tracker: Tracker, stage: str) -> list:
 
 
 def test_submit_stop_and_resubmit_resumes_on_two_nodes(cluster, mlflow_login, tmp_path):
+    """Issue 7's submit, stop and resubmit; issue 16, point 4: the job's data path exists only in the cluster's
+    shared storage, and `kdpipe submit` leaves it to the cluster."""
+    shutil.copytree(FASHION_MNIST, cluster.storage / CLUSTER_DATA)
+    assert not (REPO / CLUSTER_DATA).exists()
     job = small_quickstart(tmp_path / "quickstart.yaml")
     submit = ["submit", str(job), "--address", cluster.dashboard, "--tracking-uri", cluster.mlflow]
     first = cluster.kdpipe(*submit)
@@ -226,3 +244,26 @@ def test_a_client_without_the_token_or_with_a_wrong_one_is_refused(cluster, tmp_
     search = f"{cluster.mlflow}/api/2.0/mlflow/experiments/search?max_results=1"
     assert requests.get(search, timeout=10).status_code == 401
     assert requests.get(search, auth=("admin", ADMIN_PASSWORD), timeout=10).ok
+
+
+def test_paths_are_the_clusters_but_a_bad_job_is_refused_before_submitting(cluster, tmp_path):
+    """Issue 16, point 4: a DAG or method mistake is refused on the submitting machine, one line, exit 2; a data
+    path the cluster does not have fails the job there, one line in its log."""
+    job = yaml.safe_load(small_quickstart(tmp_path / "job.yaml").read_text())
+    job["stages"][0]["teachers"] = ["student"]  # a cycle
+    (tmp_path / "cycle.yaml").write_text(yaml.safe_dump(job))
+    refused = cluster.kdpipe("submit", str(tmp_path / "cycle.yaml"), "--address", cluster.dashboard)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "cycle" in refused.stderr and refused.stdout == ""
+
+    job["stages"][0]["teachers"] = []
+    job["data"]["path"] = "datasets/nowhere"
+    (tmp_path / "nowhere.yaml").write_text(yaml.safe_dump(job))
+    submitted = cluster.kdpipe("submit", str(tmp_path / "nowhere.yaml"), "--address", cluster.dashboard)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    followed = cluster.kdpipe("logs", "--follow", job_id, "--address", cluster.dashboard, timeout=120)
+    assert followed.returncode == 1 and f"{job_id}: FAILED" in followed.stderr
+    errors = [line for line in followed.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "data.path: no such file or folder 'datasets/nowhere'" in errors[0], followed.stdout
+    assert "Traceback" not in followed.stdout
