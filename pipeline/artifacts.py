@@ -15,6 +15,7 @@ from pipeline.tracking import Tracker
 
 WEIGHTS, PEERS, CHECKPOINTS, TEACHERS, PLOTS = "weights", "peers", "checkpoints", "teachers", "plots"
 PROBE_FILE = "probe.safetensors"
+SEARCH_BEST = "search/best.json"
 FINAL_WEIGHTS = f"{WEIGHTS}/{WEIGHTS_FILE}"  # a stage run with this file is a result students can learn from
 
 

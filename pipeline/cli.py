@@ -231,7 +231,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         def on_poll(outcomes, live):
             for name, outcome in outcomes.items():
                 bar, seen = bars[name], live.get(name, {})
-                if outcome.status == "running" and "epochs" in seen:
+                if outcome.status == "running" and "search" in seen:
+                    trials, counts = plan.stages[name].spec.search.trials, seen["search"]
+                    ended = counts["done"] + counts["pruned"] + counts["failed"]
+                    info = f"trials {ended}/{trials}: {counts['running']} running, {counts['pruned']} pruned"
+                    if counts["best"] is not None:
+                        info += f", best {counts['best']:.3f}"
+                    progress.start_task(bar)
+                    progress.update(bar, total=trials, completed=ended, info=info)
+                elif outcome.status == "running" and "epochs" in seen:
                     progress.start_task(bar)
                     total = seen["epochs"] * seen["steps"]
                     done = seen["epoch"] * seen["steps"] + seen["step"]
@@ -250,6 +258,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         outcomes = run_job(plan, force=tuple(args.force), verbose=args.verbose, on_poll=on_poll)
     print_table(outcome_table(plan.job.name, outcomes))
+    for outcome in outcomes.values():
+        if outcome.chosen:
+            chosen = ", ".join(
+                f"{path}={value:.4g}" if isinstance(value, float) else f"{path}={value}"
+                for path, value in outcome.chosen.items()
+            )
+            console.print(f"{outcome.name}: searched, chose {chosen}", highlight=False, soft_wrap=True)
     for outcome in outcomes.values():
         if outcome.error and outcome.status != "reused":
             err_console.print(f"[red]{outcome.name}[/]: {outcome.error}", highlight=False, soft_wrap=True)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from pipeline import dag
 from pipeline.errors import UserError
 from pipeline.methods import get_method, parse_params
 from pipeline.models import is_known_model
-from pipeline.spec import DataSpec, JobSpec, StageSpec, load_job
+from pipeline.spec import DataSpec, JobSpec, StageSpec, describe_error, load_job, short_repr
 
 
 @dataclass(frozen=True)
@@ -78,23 +79,82 @@ def plan_job(job: JobSpec) -> Plan:
     order = dag.topological_order(job.stages)
     stages = {}
     for i, stage in enumerate(job.stages):
-        where = f"stages[{i}]"
-        if not is_known_model(stage.model):
-            raise UserError(
-                f"{where}.model: unknown model '{stage.model}'; expected a torchvision model name "
-                "or resnet8..resnet110, resnet8x4, resnet32x4"
-            )
-        method = get_method(stage.method, f"{where}.method")
-        count, low, high = len(stage.teachers), method.min_teachers, method.max_teachers
-        if count < low or (high is not None and count > high):
-            wanted = f"at least {low}" if high is None else (f"{low}" if low == high else f"{low} to {high}")
-            raise UserError(f"{where}.teachers: method '{method.name}' takes {wanted} teacher(s), got {count}")
-        params = parse_params(method, stage.params, f"{where}.params")
-        problem = method.check(params, count)
-        if problem:
-            raise UserError(f"{where}.params.{problem}")
-        stages[stage.name] = PlannedStage(stage, params, method.version)
+        stages[stage.name] = plan_stage(stage, f"stages[{i}]")
+        if stage.search is not None:
+            check_search(stages[stage.name], f"stages[{i}].search.space")
     return Plan(job, order, stages)
+
+
+def plan_stage(stage: StageSpec, where: str) -> PlannedStage:
+    """A stage checked against the model and method registries, with its method's params resolved."""
+    if not is_known_model(stage.model):
+        raise UserError(
+            f"{where}.model: unknown model '{stage.model}'; expected a torchvision model name "
+            "or resnet8..resnet110, resnet8x4, resnet32x4"
+        )
+    method = get_method(stage.method, f"{where}.method")
+    count, low, high = len(stage.teachers), method.min_teachers, method.max_teachers
+    if count < low or (high is not None and count > high):
+        wanted = f"at least {low}" if high is None else (f"{low}" if low == high else f"{low} to {high}")
+        raise UserError(f"{where}.teachers: method '{method.name}' takes {wanted} teacher(s), got {count}")
+    params = parse_params(method, stage.params, f"{where}.params")
+    problem = method.check(params, count)
+    if problem:
+        raise UserError(f"{where}.params.{problem}")
+    return PlannedStage(stage, params, method.version)
+
+
+UNSEARCHABLE = ("name", "teachers", "method", "workers", "search")  # what a stage is, not how it trains
+
+
+def with_values(stage: StageSpec, values: dict[str, Any]) -> PlannedStage:
+    """The stage with the searched `values` set at their dotted paths (a trial, with no search of its own),
+    checked like the job file: a `UserError` naming the path if one is unknown, of the wrong type or out of
+    range."""
+    raw = stage.model_dump(exclude={"search"})
+    for path, value in values.items():
+        if path.split(".")[0] in UNSEARCHABLE:
+            raise UserError(f"{path}: not searchable; a trial is the same stage with other hyperparameters")
+        target = raw
+        *parents, key = path.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise UserError(f"{path}: '{part}' holds a single value, not fields")
+        target[key] = value
+    try:
+        return plan_stage(StageSpec.model_validate(raw), "stage")
+    except ValidationError as err:
+        raise UserError(describe_error(err, StageSpec)) from None
+
+
+def value_at(config: dict, path: str) -> Any:
+    for part in path.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def check_search(stage: PlannedStage, where: str) -> None:
+    """Every searched path names a number of the stage (or, for `choice`, a field each choice is valid for): each
+    bound and each choice is set in turn and the stage checked as a trial would be."""
+    for path, dimension in stage.spec.search.space.items():
+        candidates = dimension.values or [dimension.low, dimension.high]
+        if dimension.distribution == "int":
+            candidates = [int(value) for value in candidates]
+        for value in candidates:
+            try:
+                trial = with_values(stage.spec, {path: value})
+            except UserError as err:  # the detail, without the field path it starts with
+                detail = str(err).split(": ", 1)[-1]
+                raise UserError(f"{where}.{path}: {detail} (searching {short_repr(value)})") from None
+            found = value_at(trial.config, path)
+            if found is None:
+                raise UserError(f"{where}.{path}: unknown field of the stage")
+            if dimension.distribution != "choice" and (isinstance(found, bool) or not isinstance(found, int | float)):
+                raise UserError(
+                    f"{where}.{path}: not a number of the stage ({short_repr(found)}); expected a path to a number "
+                    "such as params.temperature or optimizer.lr"
+                )
 
 
 def load_plan(path: str | Path, check_paths: bool = True) -> Plan:

@@ -1,12 +1,18 @@
-"""Running a planned job: prepare data, then launch each stage as a Ray Train run once its teachers are done.
+"""Running a planned job: prepare data, then launch each stage as a Ray Train run (or, with a `search:` block, a
+Ray Tune search of such runs) once its teachers are done.
 
-Stages with no path between them run side by side, each its own `TorchTrainer` started from a driver thread,
-as long as the cluster has CPUs and GPUs free for their workers.
+One admission rule for stages and trials: a stage is launched as soon as its teachers are done, each from its own
+driver thread, and Ray queues what does not fit. A Ray Train run waits for its placement group (Ray Train retries
+the wait for as long as it takes), so independent stages overlap when the cluster has room, run one after another
+when it does not, and on an autoscaling cluster their pending placement groups are the demand it scales for.
+Nothing holds part of what another waits for (placement groups are granted whole; a Tune trial asks for no CPU),
+so nothing deadlocks. A search runs `max_concurrent` trials at once: by default as many as the cluster holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -19,13 +25,16 @@ from pipeline.data import prepare_data, steps_per_epoch
 from pipeline.plan import Plan
 from pipeline.spec import CheckpointSpec, WorkersSpec
 from pipeline.task import StageTask, TeacherRef, run_stage
-from pipeline.tracking import Lease, Tracker, TrackingError, lease_seconds, run_is_live
+from pipeline.tracking import TAG_VALUES, Lease, Tracker, TrackingError, lease_seconds, run_is_live
 
 POLL_SECONDS = 2.0  # how often the driver looks at stages and progress: every poll takes CPU from training
 # Ray Train's controller polls its workers every 2 s by default, so a stage's start and end each wait up to a poll;
 # its preemption watcher (one more actor process per stage) only logs a node's drain notice, which a kdpipe stage
 # survives through its checkpoints anyway. Both are Ray Train's own settings (set in the environment to change).
 RAY_TRAIN_SETTINGS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Tune saves a search's state every second (a driver killed in between loses at most that); its own console
+# output (the experiment's box, its paths) stays out of kdpipe's progress display.
+TUNE_SETTINGS = {"TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_AIR_NEW_OUTPUT": "0"}
 
 
 @dataclass
@@ -40,6 +49,7 @@ class StageOutcome:
     metrics: dict = field(default_factory=dict)
     error: str = ""
     resumed: bool = False  # an interrupted run of this stage is continued in place
+    chosen: dict = field(default_factory=dict)  # a searched stage: the values its best trial had
 
     @property
     def finished(self) -> bool:
@@ -54,7 +64,7 @@ def ensure_ray(verbose: bool) -> None:
     """
     import ray
 
-    for key, value in RAY_TRAIN_SETTINGS.items():
+    for key, value in {**RAY_TRAIN_SETTINGS, **TUNE_SETTINGS}.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
@@ -64,14 +74,12 @@ def ensure_ray(verbose: bool) -> None:
         address=address,
         runtime_env={"env_vars": mlflow_env} if mlflow_env else None,
         log_to_driver=verbose,
-        include_dashboard=False if not address else None,
+        # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without it, the
+        # placement group of a trial Tune stopped is never freed and the next trial waits forever.
+        include_dashboard=None,
         configure_logging=verbose,
         logging_level="INFO" if verbose else "ERROR",
     )
-
-
-def worker_demand(workers: WorkersSpec) -> tuple[float, float]:
-    return workers.count * workers.cpus, workers.count * workers.gpus
 
 
 def ray_run_name(job: str, stage: str, run_id: str) -> str:
@@ -94,8 +102,10 @@ def storage_holds(storage: str, name: str) -> bool:
     return filesystem.get_file_info(f"{root}/{name}").type == pyarrow.fs.FileType.Directory
 
 
-def launch_stage(task: StageTask, workers: WorkersSpec, storage: str, checkpointing: CheckpointSpec) -> None:
-    """One stage as one Ray Train run; raises if it failed."""
+def launch_stage(
+    task: StageTask, workers: WorkersSpec, storage: str, checkpointing: CheckpointSpec, callbacks: list | None = None
+) -> None:
+    """One stage (or one trial of a search) as one Ray Train run; raises if it failed."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -116,6 +126,7 @@ def launch_stage(task: StageTask, workers: WorkersSpec, storage: str, checkpoint
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             # A dead worker restarts the whole group from the latest checkpoint (`ray.train.get_checkpoint()`).
             failure_config=FailureConfig(max_failures=checkpointing.max_restarts),
+            callbacks=callbacks,
         ),
     )
     trainer.fit()
@@ -155,7 +166,6 @@ class JobRunner:
         }
         self.running: dict[Future, str] = {}
         self.board = None
-        self.free = [0.0, 0.0]  # CPUs and GPUs not taken by this job's running stages
         self.renewed = time.monotonic()
 
     def run(self, force: tuple[str, ...], on_poll) -> dict[str, StageOutcome]:
@@ -189,6 +199,8 @@ class JobRunner:
         if found:
             outcome.status, (outcome.run_id, outcome.metrics) = "reused", found
             tracker.set_tags(self.parent, {f"kdpipe.reused.{outcome.name}": outcome.run_id})
+            if self.plan.stages[outcome.name].spec.search:
+                outcome.chosen = json.loads(tracker.get_run(outcome.run_id).data.tags[TAG_VALUES])
             return
         interrupted = tracker.find_interrupted_stage(self.experiment, outcome.fingerprint)
         if interrupted is None:
@@ -212,9 +224,7 @@ class JobRunner:
         if any(s in ("failed", "skipped") for s in teachers):
             outcome.status, outcome.error = "skipped", "a teacher stage did not finish"
         elif all(self.outcomes[t].finished for t in outcome.teachers):
-            cpus, gpus = worker_demand(self.plan.stages[outcome.name].spec.workers)
-            if not self.running or (cpus <= self.free[0] + 1e-9 and gpus <= self.free[1] + 1e-9):
-                self.start(outcome, pool)
+            self.start(outcome, pool)
 
     def check_waiting(self, outcome: StageOutcome) -> None:
         """A run another driver holds: reuse it once it finished; look again once its driver is gone."""
@@ -259,10 +269,14 @@ class JobRunner:
             job.checkpoint,
         )
         outcome.status, outcome.seconds = "running", time.perf_counter()
-        cpus, gpus = worker_demand(stage.spec.workers)
-        self.free[0] -= cpus
-        self.free[1] -= gpus
-        self.running[pool.submit(launch_stage, task, stage.spec.workers, self.storage, job.checkpoint)] = name
+        if stage.spec.search is None:
+            future = pool.submit(launch_stage, task, stage.spec.workers, self.storage, job.checkpoint)
+        else:
+            from pipeline.search import SearchTask, run_search
+
+            search = SearchTask(task, self.experiment, stage.spec.workers, self.storage, job.checkpoint)
+            future = pool.submit(run_search, search, ray_run_name(job.name, name, outcome.run_id))
+        self.running[future] = name
 
     def claim(self, outcome: StageOutcome, config: dict, teacher_runs: dict[str, str]) -> bool:
         """Hold the stage's run (a new one, or the interrupted one to resume); False when another driver holds
@@ -286,24 +300,17 @@ class JobRunner:
         return True
 
     def start_ray(self) -> None:
-        import ray
-
         from pipeline.progress import open_board
 
         ensure_ray(self.verbose)
         self.board = open_board(self.job.name)
-        capacity = ray.cluster_resources()
-        self.free = [capacity.get("CPU", 0.0), capacity.get("GPU", 0.0)]
 
     def finish(self, future: Future) -> None:
         name = self.running.pop(future)
         outcome = self.outcomes[name]
         outcome.seconds = time.perf_counter() - outcome.seconds
-        cpus, gpus = worker_demand(self.plan.stages[name].spec.workers)
-        self.free[0] += cpus
-        self.free[1] += gpus
         try:
-            future.result()
+            outcome.chosen = future.result() or {}
             outcome.status = "done"
         except Exception as err:  # a failed stage fails its descendants, never its siblings
             outcome.status, outcome.error = "failed", one_line(err)
@@ -322,9 +329,17 @@ class JobRunner:
             self.tracker.renew([self.outcomes[name].run_id for name in self.running.values()])
 
     def progress(self) -> dict:
+        """What the running stages' rank 0 last reported, and each running search's trial counts."""
         import ray
 
-        return ray.get(self.board.snapshot.remote()) if self.board is not None else {}
+        live = ray.get(self.board.snapshot.remote()) if self.board is not None else {}
+        if any(self.plan.stages[name].spec.search for name in self.running.values()):
+            from pipeline.search import PROGRESS
+
+            for name in self.running.values():
+                if self.outcomes[name].run_id in PROGRESS:
+                    live[name] = {"search": dict(PROGRESS[self.outcomes[name].run_id])}
+        return live
 
     def release(self) -> None:
         """On the way out: runs still held (an interrupt, an error) may be taken over at once; the board goes."""

@@ -128,6 +128,56 @@ class WorkersSpec(Strict):
     )
 
 
+class Dimension(Strict):
+    """One searched value: `uniform`/`loguniform`/`int` between `low` and `high` (both included), or `choice` among
+    `values`."""
+
+    distribution: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = Field(None, min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Dimension:
+        kind = self.distribution
+        if kind == "choice":
+            if self.values is None or self.low is not None or self.high is not None:
+                raise ValueError("choice takes values: [a, b, ...], and no low or high")
+            return self
+        if self.values is not None or self.low is None or self.high is None:
+            raise ValueError(f"{kind} takes low and high, and no values")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        if kind == "int" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError("int takes whole numbers for low and high")
+        return self
+
+
+class SchedulerSpec(Strict):
+    name: Literal["asha", "none"] = Field("asha", description="asha: stop poor trials at epoch boundaries")
+    grace_period: int = Field(1, ge=1, le=100_000, description="epochs every trial trains before it can be stopped")
+    reduction_factor: float = Field(4.0, gt=1, le=100, description="ASHA keeps the best 1/reduction_factor per rung")
+
+
+class SearchSpec(Strict):
+    """A Ray Tune search over the stage's own config: each trial is the stage with sampled values."""
+
+    space: dict[str, Dimension] = Field(
+        min_length=1, max_length=64, description="dotted paths into the stage (params.temperature, optimizer.lr, ...)"
+    )
+    trials: int = Field(ge=1, le=10_000)
+    metric: str = Field("val/top1", pattern=r"^(val|train)/[A-Za-z0-9_./]+$", max_length=200)
+    mode: Literal["max", "min"] = "max"
+    searcher: Literal["tpe", "random"] = Field("tpe", description="tpe: Optuna's TPE; random: random sampling")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    max_concurrent: int | None = Field(
+        None, ge=1, le=10_000, description="trials at once (default: as many as the cluster holds at once)"
+    )
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
+
+
 class StageSpec(Strict):
     name: str = Field(pattern=NAME, max_length=100)
     model: str = Field(max_length=100)
@@ -141,6 +191,7 @@ class StageSpec(Strict):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    search: SearchSpec | None = Field(None, description="search this stage's hyperparameters with Ray Tune")
 
     @model_validator(mode="after")
     def _consistent(self) -> StageSpec:
@@ -284,13 +335,14 @@ def check_data_path(data: DataSpec, job_path: Path) -> None:
         raise UserError(f"{job_path}: data.path: no such file or folder '{data.path}' (source '{data.source}')")
 
 
-def describe_error(err: ValidationError) -> str:
-    """The first pydantic error as `field.path: what was expected (got ...)`."""
+def describe_error(err: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """The first pydantic error as `field.path: what was expected (got ...)`; `model` is what was validated (the
+    job, by default), for the fields an unknown one could have been."""
     first = err.errors()[0]
     loc = first["loc"]
     where = field_path(loc)
     if first["type"] == "extra_forbidden":
-        allowed = ", ".join(sorted(allowed_fields(loc[:-1])))
+        allowed = ", ".join(sorted(allowed_fields(loc[:-1], model or JobSpec)))
         return f"{where}: unknown field; expected one of: {allowed}"
     if first["type"] == "missing":
         return f"{where}: required field is missing"
@@ -316,9 +368,8 @@ def field_path(loc: tuple) -> str:
     return path or "job"
 
 
-def allowed_fields(loc: tuple) -> list[str]:
-    """The field names a model accepts at `loc`, walking the schema from JobSpec."""
-    model: Any = JobSpec
+def allowed_fields(loc: tuple, model: Any) -> list[str]:
+    """The field names a model accepts at `loc`, walking the schema from `model`."""
     for part in loc:
         if isinstance(part, int):
             continue

@@ -32,6 +32,10 @@ TAG_KIND, TAG_JOB, TAG_STAGE, TAG_FINGERPRINT = "kdpipe.kind", "kdpipe.job", "kd
 TAG_TEACHER = "kdpipe.teacher"  # kdpipe.teacher.<stage> = the MLflow run whose weights this stage learned from
 TAG_CHECKPOINT, TAG_RESUMED = "kdpipe.checkpoint", "kdpipe.resumed_from"
 TAG_NODE = "kdpipe.node"  # kdpipe.node.<rank> = the Ray node id that rank of the stage ran on
+# A searched stage's trials are runs nested under its run: kind "trial", the Ray Tune trial id, the sampled values
+# (on the stage run: its best trial's).
+TAG_TRIAL, TAG_VALUES, TAG_PRUNED = "kdpipe.trial", "kdpipe.trial.values", "kdpipe.pruned"
+TAG_BEST_TRIAL = "kdpipe.search.best_trial"  # on the stage run: the trial whose weights are the stage's result
 TAG_HOLDER, TAG_HEARTBEAT = "kdpipe.lease.holder", "kdpipe.lease.heartbeat"  # the driver training a run, and when
 # it last said so (seconds since the epoch). A lease older than KDPIPE_LEASE_SECONDS is stale: its driver is gone.
 DEFAULT_LEASE_SECONDS = 180.0
@@ -39,8 +43,10 @@ LEASE_SETTLE_SECONDS = 1.0  # a driver taking over a stale run reads the lease b
 # This process, as a lease names it: host, pid and a random part (pids are reused).
 DRIVER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
-# kdpipe prints its own table of run ids; MLflow's per-run "View run at" lines would break into the progress bars.
+# kdpipe prints its own table of run ids; MLflow's per-run "View run at" lines and download bars would break into
+# the progress bars.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def lease_seconds() -> float:
@@ -199,6 +205,29 @@ class Tracker:
         self.client.log_batch(run.info.run_id, params=params)
         return run.info.run_id
 
+    def start_trial_run(
+        self, experiment_id: str, stage_run: str, job: str, stage: str, trial: str, values: dict, config: dict
+    ) -> str:
+        """A trial of a searched stage, nested under the stage's run; never a stage result (no fingerprint)."""
+        tags = {
+            TAG_KIND: "trial",
+            TAG_JOB: job,
+            TAG_STAGE: stage,
+            TAG_TRIAL: trial,
+            TAG_VALUES: json.dumps(values),
+            MLFLOW_PARENT_RUN_ID: stage_run,
+            MLFLOW_RUN_NAME: f"{stage} trial {trial.rsplit('_', 1)[-1]}",
+        }
+        run = self.client.create_run(experiment_id, tags=tags, run_name=tags[MLFLOW_RUN_NAME])
+        params = [Param(key, str(value)) for key, value in flatten(config).items()]
+        self.client.log_batch(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def trial_runs(self, experiment_id: str, stage_run: str) -> list[Run]:
+        """A searched stage's trial runs, oldest first."""
+        which = f"tags.`{TAG_KIND}` = 'trial' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{stage_run}'"
+        return self.client.search_runs([experiment_id], which, order_by=["attributes.start_time ASC"])
+
     def find_finished_stage(
         self, experiment_id: str, fingerprint: str, result: str
     ) -> tuple[str, dict[str, float]] | None:
@@ -320,6 +349,9 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_params(self, run_id: str, params: dict[str, object]) -> None:
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -27,7 +27,8 @@ def ray_local():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # The dashboard serves the State API, which Ray Train's placement-group cleaner needs in a search.
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

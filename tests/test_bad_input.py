@@ -82,6 +82,47 @@ CASES = {
 }
 
 
+def search(space: dict, **settings) -> str:
+    """The student searched over `space`, 4 trials unless `settings` say otherwise."""
+    return edit(lambda j: j["stages"][1].update(search={"trials": 4, "space": space, **settings}))
+
+
+LR = {"distribution": "loguniform", "low": 0.001, "high": 0.1}
+WHERE = "stages[1].search"
+CASES |= {  # issue 13, point 5
+    "search: unknown path": (search({"params.temprature": LR}), [f"{WHERE}.space.params.temprature", "temperature"]),
+    "search: path to a word": (
+        search({"model": {"distribution": "uniform", "low": 1, "high": 2}}),
+        [f"{WHERE}.space.model", "valid string"],
+    ),
+    "search: path to fields": (search({"optimizer": LR}), [f"{WHERE}.space.optimizer", "valid dictionary"]),
+    "search: not searchable": (search({"workers.count": LR}), [f"{WHERE}.space.workers.count", "not searchable"]),
+    "search: bad choice": (
+        search({"deepspeed.zero_stage": {"distribution": "choice", "values": [0, 3]}}),
+        [f"{WHERE}.space.deepspeed.zero_stage", "searching 3"],
+    ),
+    "search: empty space": (search({}), [f"{WHERE}.space", "at least 1"]),
+    "search: no trials": (search({"optimizer.lr": LR}, trials=0), [f"{WHERE}.trials", "greater than or equal to 1"]),
+    "search: unknown distribution": (
+        search({"optimizer.lr": {"distribution": "normal", "low": 0, "high": 1}}),
+        [f"{WHERE}.space.optimizer.lr.distribution", "'normal'", "loguniform"],
+    ),
+    "search: low above high": (
+        search({"optimizer.lr": {"distribution": "uniform", "low": 0.5, "high": 0.1}}),
+        [f"{WHERE}.space.optimizer.lr", "low (0.5) is above high (0.1)"],
+    ),
+    "search: loguniform from 0": (
+        search({"optimizer.lr": {"distribution": "loguniform", "low": 0, "high": 0.1}}),
+        [f"{WHERE}.space.optimizer.lr", "loguniform needs low > 0"],
+    ),
+    "search: bound out of range": (
+        search({"params.temperature": {"distribution": "uniform", "low": -1, "high": 4}}),
+        [f"{WHERE}.space.params.temperature", "greater than 0", "searching -1"],
+    ),
+    "search: unknown setting": (search({"optimizer.lr": LR}, searcher="grid"), [f"{WHERE}.searcher", "'grid'"]),
+}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("command", ["validate", "run"])
 def test_bad_job_file(case, command, tmp_path, capsys):

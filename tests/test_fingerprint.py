@@ -52,7 +52,28 @@ CHANGES = {
     "loader workers (shards deal samples out by worker)": (lambda j: j["data"].update(loader_workers=3), EVERY),
     "the assistant's worker count": (lambda j: j["stages"][1]["workers"].update(count=4), {"assistant", "student"}),
     "the student's method params": (lambda j: j["stages"][2]["params"].update(temperature=2), {"student"}),
+    # Issue 13, point 4: a searched stage is its config, its search block and its upstream.
+    "a search added to the assistant": (lambda j: j["stages"][1].update(search=SEARCH), {"assistant", "student"}),
 }
+SEARCH = {"trials": 4, "space": {"optimizer.lr": {"distribution": "loguniform", "low": 0.001, "high": 0.1}}}
+SEARCHED = copy.deepcopy(JOB)
+SEARCHED["stages"][1]["search"] = SEARCH
+SEARCH_CHANGES = {
+    "its space": lambda j: j["stages"][1]["search"]["space"]["optimizer.lr"].update(high=0.2),
+    "a searched path": lambda j: j["stages"][1]["search"]["space"].update(
+        {"params.temperature": {"distribution": "choice", "values": [2, 4]}}
+    ),
+    "its budget": lambda j: j["stages"][1]["search"].update(trials=8),
+    "its scheduler": lambda j: j["stages"][1]["search"].update(scheduler={"reduction_factor": 2}),
+    "its searcher's seed": lambda j: j["stages"][1]["search"].update(seed=3),
+    "its upstream": lambda j: j["stages"][0].update(epochs=3),
+}
+
+
+@pytest.mark.parametrize("item", sorted(SEARCH_CHANGES))
+def test_a_changed_search_searches_again_and_retrains_downstream(tmp_path, item):
+    expected = EVERY if item == "its upstream" else {"assistant", "student"}
+    assert changed_stages(tmp_path, SEARCH_CHANGES[item], SEARCHED) == expected
 
 
 @pytest.mark.parametrize("item", sorted(CHANGES))

@@ -153,7 +153,7 @@ def parse_manifest(data: bytes) -> dict:
     try:
         return Manifest.model_validate_json(data).model_dump()
     except ValidationError as err:
-        raise ValueError(f"{MANIFEST}: {describe_error(err)}") from None
+        raise ValueError(f"{MANIFEST}: {describe_error(err, Manifest)}") from None
 
 
 def read_manifest(folder: str | Path) -> dict:

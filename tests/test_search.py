@@ -1,0 +1,154 @@
+"""Issue 13: a stage's `search:` block runs a Ray Tune search whose trials are the stage itself, each a 2-worker
+DeepSpeed run over gloo, on the session's 2-CPU Ray (one trial fits at a time, `max_concurrent` unset).
+
+One search, interrupted for real: the driver is killed by pid while the second trial trains; the rerun continues
+the search. Then a third run trains nothing. What a changed search retrains: `test_fingerprint`; bad `search:`
+blocks: `test_bad_input`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline import artifacts
+from pipeline.cli import main
+from pipeline.models import load_weights
+from pipeline.plan import load_plan
+from pipeline.runner import run_job
+from pipeline.tracking import TAG_BEST_TRIAL, TAG_PRUNED, TAG_RESUMED, TAG_TRIAL, Tracker
+from tests.conftest import tiny_job, write_job
+from tests.test_resume import KDPIPE, cluster_env, wait_until_workers_exit
+
+TRIALS, EPOCHS, STEPS = 4, 2, 256 // 2 // 32  # steps per epoch: train_size / workers / batch_size
+PARENT = "mlflow.parentRunId"
+STAGES = [
+    {"name": "teacher", "model": "resnet8", "epochs": 1, "optimizer": {"lr": 0.1}},
+    {
+        "name": "student",
+        "model": "resnet8",
+        "teachers": ["teacher"],
+        "method": "kd",
+        "epochs": EPOCHS,
+        "search": {
+            "trials": TRIALS,
+            # The training loss: on a few synthetic batches top-1 often ties between trials, and ASHA stops no tie.
+            "metric": "train/loss",
+            "mode": "min",
+            "space": {
+                "optimizer.lr": {"distribution": "loguniform", "low": 0.0001, "high": 0.5},
+                "params.temperature": {"distribution": "choice", "values": [2, 4, 8]},
+            },
+        },
+    },
+    {"name": "pupil", "model": "resnet8", "teachers": ["student"], "method": "kd", "epochs": 1},
+]
+
+
+def trial_runs(tracker: Tracker) -> list:
+    experiment = tracker.client.get_experiment_by_name("tests")
+    if experiment is None:
+        return []
+    which = "tags.`kdpipe.kind` = 'trial'"
+    return tracker.client.search_runs([experiment.experiment_id], which, order_by=["attributes.start_time ASC"])
+
+
+def wait_for_second_trial(tracker: Tracker, driver: subprocess.Popen) -> None:
+    """Until the first trial finished and the second one saved a checkpoint."""
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        runs = trial_runs(tracker)
+        if len(runs) >= 2 and artifacts.stored_checkpoints(tracker, runs[1].info.run_id):
+            assert runs[0].info.status == "FINISHED"
+            return
+        assert driver.poll() is None, "the driver ended before the second trial saved a checkpoint"
+        time.sleep(0.3)
+    raise AssertionError("no checkpoint of a second trial within 400 s")
+
+
+def live_placement_groups() -> list:
+    from ray.util.state import list_placement_groups
+
+    return [group for group in list_placement_groups(detail=True) if group.state != "REMOVED"]
+
+
+def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream(ray_local, tmp_path, capsys):
+    """Points 1-4: ASHA prunes, trials nest under the stage run under the job run, the pupil learns from the best
+    trial's weights, no placement group is left, a killed driver's search continues (finished trials kept, the
+    interrupted one resumed in its own run, exactly `trials` runs), and a rerun trains nothing."""
+    job = tiny_job(tmp_path, STAGES, train_size=256, val_size=64)
+    job["checkpoint"] = {"every_steps": 2, "every_minutes": 0}
+    path = write_job(tmp_path / "job.yaml", job)
+    tracker = Tracker(job["tracking"]["uri"])
+    driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=cluster_env(ray_local), stderr=subprocess.DEVNULL)
+    wait_for_second_trial(tracker, driver)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    wait_until_workers_exit()
+    first, second = trial_runs(tracker)[:2]
+    stored = artifacts.stored_checkpoints(tracker, second.info.run_id)
+    assert tracker.client.get_run(second.info.run_id).info.status == "RUNNING"
+
+    outcomes = run_job(load_plan(path))
+
+    assert {n: o.status for n, o in outcomes.items()} == {"teacher": "reused", "student": "done", "pupil": "done"}
+    student = outcomes["student"]
+    assert student.resumed and student.run_id == first.data.tags[PARENT]
+    runs = trial_runs(tracker)
+    assert len(runs) == TRIALS and len({run.data.tags[TAG_TRIAL] for run in runs}) == TRIALS
+    ids = [run.info.run_id for run in runs]
+    assert ids[:2] == [first.info.run_id, second.info.run_id]
+    # The finished trial was not trained again; the interrupted one went on from its checkpoint in its own run.
+    assert tracker.client.get_run(ids[0]).info.end_time == first.info.end_time
+    resumed = tracker.client.get_run(ids[1])
+    assert resumed.data.tags[TAG_RESUMED].startswith(stored[-1])
+    # Its step count goes on: epoch e ends at step (e + 1) * steps-per-epoch (an epoch the kill cut short of its
+    # next checkpoint ends twice, at the same step).
+    steps = {(m.step, int(m.value)) for m in tracker.client.get_metric_history(ids[1], "global_step")}
+    assert steps == {(epoch, (epoch + 1) * STEPS) for epoch in range(max(step for step, _ in steps) + 1)}
+    # Nesting: job run > stage run > trial runs.
+    stage_run = tracker.client.get_run(student.run_id)
+    assert tracker.client.get_run(stage_run.data.tags[PARENT]).data.tags["kdpipe.kind"] == "job"
+    assert all(run.data.tags[PARENT] == student.run_id for run in runs)
+    # ASHA stopped at least one trial after its first epoch: KILLED, tagged, one epoch of metrics.
+    pruned = [run for run in runs if run.info.status == "KILLED"]
+    assert pruned and all(TAG_PRUNED in run.data.tags for run in pruned)
+    for run in pruned:
+        assert len(tracker.client.get_metric_history(run.info.run_id, "train/loss")) < EPOCHS
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    assert all(TAG_PRUNED not in run.data.tags for run in finished)
+    assert len(finished) + len(pruned) == TRIALS
+    # The best of the recorded trials is the stage's result.
+    best = min(finished, key=lambda run: run.data.metrics["train/loss"])
+    assert stage_run.data.tags[TAG_BEST_TRIAL] == best.info.run_id
+    chosen = json.loads(Path(tracker.client.download_artifacts(student.run_id, artifacts.SEARCH_BEST)).read_text())
+    assert chosen["values"] == json.loads(best.data.tags["kdpipe.trial.values"])
+    assert stage_run.data.metrics["train/loss"] == best.data.metrics["train/loss"]
+    plots = {a.path for a in tracker.client.list_artifacts(student.run_id, artifacts.PLOTS)}
+    assert plots == {"plots/search_epochs.png", "plots/search_values.png"}
+    # The pupil learned from the best trial's weights.
+    probe = load_file(tracker.client.download_artifacts(outcomes["pupil"].run_id, "teachers/probe.safetensors"))
+    with tracker.downloaded(best.info.run_id, artifacts.WEIGHTS) as folder, torch.no_grad():
+        expected = load_weights(folder).eval()(probe["images"])
+    torch.testing.assert_close(probe["student"], expected, rtol=1e-4, atol=1e-4)
+    # Point 2: nothing of the search holds the cluster afterwards.
+    deadline = time.monotonic() + 30
+    while live_placement_groups() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not live_placement_groups()
+
+    again = run_job(load_plan(path))
+
+    assert {o.status for o in again.values()} == {"reused"}
+    assert again["student"].run_id == student.run_id and again["student"].chosen == student.chosen
+    assert [run.info.run_id for run in trial_runs(tracker)] == ids
+    capsys.readouterr()
+    assert main(["status", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("└ student trial") == TRIALS and f"{TRIALS}/{TRIALS} trials" in table and " pruned " in table
