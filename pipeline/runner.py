@@ -179,7 +179,13 @@ class JobRunner:
             while any(o.status in ("pending", "waiting", "running") for o in self.outcomes.values()):
                 for name in launch_order:
                     self.advance(self.outcomes[name], pool)
-                done, _ = wait(list(self.running), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                # With nothing running (every stage left waits on another driver), `wait([])` would return at
+                # once: sleep instead of spinning a core against the stages the other driver trains.
+                if self.running:
+                    done, _ = wait(list(self.running), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                else:
+                    done = set()
+                    time.sleep(POLL_SECONDS)
                 for future in done:
                     self.finish(future)
                 self.renew_leases()

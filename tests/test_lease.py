@@ -5,12 +5,15 @@ and its run resumable at once. The driver-killed case is `test_resume`'s SIGKILL
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+import psutil
 from mlflow.entities import Run, RunData, RunInfo, RunTag
 
 from pipeline.tracking import DRIVER, TAG_HEARTBEAT, TAG_HOLDER, Lease, Tracker
@@ -55,7 +58,12 @@ def test_two_drivers_started_together_train_each_stage_once(ray_local, tmp_path)
         subprocess.Popen([*KDPIPE, "run", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(2)
     ]
+    started = time.monotonic()
+    cpu = {driver.pid: 0.0 for driver in drivers}  # each driver's own CPU seconds, last seen alive
+    sampler = threading.Thread(target=sample_cpu, args=(drivers, cpu), daemon=True)
+    sampler.start()
     results = [driver.communicate(timeout=600) for driver in drivers]
+    wall = time.monotonic() - started
     assert [driver.returncode for driver in drivers] == [0, 0], [err.decode()[-2000:] for _, err in results]
     tables = [out.decode() for out, _ in results]
     for stage in ("teacher", "student"):
@@ -67,3 +75,14 @@ def test_two_drivers_started_together_train_each_stage_once(ray_local, tmp_path)
         runs = stage_runs(tracker, stage)  # runs a driver created and then gave up are deleted, not listed
         assert [run.info.status for run in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]
         assert runs[0].data.tags[TAG_HOLDER].split(":")[1] in {str(d.pid) for d in drivers}
+    # A driver waiting for the other polls every few seconds; it does not spin a core the training needs.
+    assert all(seconds < wall / 2 for seconds in cpu.values()), (cpu, wall)
+
+
+def sample_cpu(drivers: list[subprocess.Popen], cpu: dict[int, float]) -> None:
+    while any(driver.poll() is None for driver in drivers):
+        for driver in drivers:
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(driver.pid).cpu_times()
+                cpu[driver.pid] = times.user + times.system
+        time.sleep(0.5)
