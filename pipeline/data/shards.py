@@ -18,8 +18,6 @@ import torch
 import webdataset as wds
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_image as torchvision_decode
 from webdataset.gopen import Pipe, gopen_schemes
 
 from pipeline.data import NORMALIZATION
@@ -64,6 +62,10 @@ def decode_image(data: bytes) -> torch.Tensor:
         raise BadImage(f"not an image PIL can identify ({type(err).__name__})") from None
     if width * height > MAX_PIXELS:
         raise BadImage(f"{width} x {height} pixels, more than the {MAX_PIXELS} allowed")
+    # Imported here: torchvision costs ~1.5 s (it pulls torch._dynamo), and the driver reads manifests but no images.
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as torchvision_decode
+
     try:
         return torchvision_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as err:
