@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import mlflow
@@ -75,6 +77,22 @@ def test_a_second_run_reuses_every_stage(finished_chain):
     assert {n: o.run_id for n, o in second.items()} == {n: o.run_id for n, o in first.items()}
     assert second["teacher"].metrics["val/top1"] == first["teacher"].metrics["val/top1"]
     assert seconds < 0.25 * first_seconds
+
+
+RERUN = """
+import sys
+from pipeline.cli import main
+code = main(["run", sys.argv[1]])
+print(code, *sorted(m for m in ("ray", "deepspeed", "torchvision") if m in sys.modules))
+"""
+
+
+def test_a_rerun_of_a_finished_job_imports_no_ray_and_no_training_stack(finished_chain):
+    """Issue 14, point 3: a rerun that reuses every stage starts no Ray; nor does it import DeepSpeed or
+    torchvision (seconds each: the shard decoder imports torchvision where it decodes)."""
+    root, _, _ = finished_chain
+    rerun = subprocess.run([sys.executable, "-c", RERUN, str(root / "job.yaml")], capture_output=True, text=True)
+    assert rerun.stdout.strip().splitlines()[-1] == "0", rerun.stdout[-2000:] + rerun.stderr[-2000:]
 
 
 def test_a_failed_stage_skips_its_students_and_exits_1(ray_local, tmp_path, capsys):
