@@ -120,7 +120,7 @@ def run_trial(config: dict, search: SearchTask) -> None:
     values = values_of(config, spec)
     tracker = Tracker(task.tracking_uri)
     trial = with_values(StageSpec.model_validate(task.config), values)
-    existing = [run for run in tracker.trial_runs(search.experiment_id, task.run_id) if trial_id_of(run) == trial_id]
+    existing = tracker.trial_runs(search.experiment_id, task.run_id, trial_id)
     if existing and existing[0].info.status == "FINISHED":
         tune.report(with_objective(tracker.latest_metrics(existing[0].info.run_id), spec.metric, search.epochs))
         return
@@ -156,8 +156,11 @@ class TrialLog(tune.Callback):
     def progress(self) -> dict:
         return PROGRESS.setdefault(self.stage_run, {"done": 0, "pruned": 0, "failed": 0, "running": 0, "best": None})
 
-    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+    def count_running(self, trials: list) -> None:
         self.progress["running"] = sum(t.status == "RUNNING" for t in trials)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self.count_running(trials)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         best, value = self.progress["best"], result.get(OBJECTIVE)
@@ -168,22 +171,20 @@ class TrialLog(tune.Callback):
         done = (trial.last_result or {}).get(EPOCHS_DONE, 0)
         if done < self.epochs:
             tracker = Tracker(self.uri)
-            for run in tracker.trial_runs(self.experiment_id, self.stage_run):
-                if trial_id_of(run) == trial.trial_id:
-                    tracker.set_tags(run.info.run_id, {TAG_PRUNED: f"stopped by ASHA after epoch {done}"})
-                    tracker.finish(run.info.run_id, "KILLED")
+            for run in tracker.trial_runs(self.experiment_id, self.stage_run, trial.trial_id):
+                tracker.set_tags(run.info.run_id, {TAG_PRUNED: f"stopped by ASHA after epoch {done}"})
+                tracker.finish(run.info.run_id, "KILLED")
             self.progress["pruned"] += 1
         else:
             self.progress["done"] += 1
-        self.progress["running"] = sum(t.status == "RUNNING" for t in trials)
+        self.count_running(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         tracker = Tracker(self.uri)
-        for run in tracker.trial_runs(self.experiment_id, self.stage_run):
-            if trial_id_of(run) == trial.trial_id:
-                tracker.finish(run.info.run_id, "FAILED")
+        for run in tracker.trial_runs(self.experiment_id, self.stage_run, trial.trial_id):
+            tracker.finish(run.info.run_id, "FAILED")
         self.progress["failed"] += 1
-        self.progress["running"] = sum(t.status == "RUNNING" for t in trials)
+        self.count_running(trials)
 
 
 class ResumableASHA(ASHAScheduler):

@@ -223,9 +223,11 @@ class Tracker:
         self.client.log_batch(run.info.run_id, params=params)
         return run.info.run_id
 
-    def trial_runs(self, experiment_id: str, stage_run: str) -> list[Run]:
-        """A searched stage's trial runs, oldest first."""
+    def trial_runs(self, experiment_id: str, stage_run: str, trial: str | None = None) -> list[Run]:
+        """A searched stage's trial runs (of one Tune trial id, if given), oldest first."""
         which = f"tags.`{TAG_KIND}` = 'trial' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{stage_run}'"
+        if trial is not None:
+            which += f" and tags.`{TAG_TRIAL}` = '{trial}'"
         return self.client.search_runs([experiment_id], which, order_by=["attributes.start_time ASC"])
 
     def find_finished_stage(
