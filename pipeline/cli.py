@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--tracking-uri", metavar="URI", help="log to this MLflow store instead of the job file's tracking.uri"
     )
+    add_settings(run)
 
     status = commands.add_parser(
         "status",
@@ -62,12 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the next 'kdpipe run' resumes it), done, reused (by the latest run of the job) or failed; the MLflow run "
         "id, epochs done, the latest checkpoint's step, the best validation top-1 and the run's duration.",
     )
-    status.add_argument("job", help="the job file (YAML), or the MLflow run id of one run of the job")
-    status.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
-        help="MLflow store to look in when JOB is a run id (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    add_job_or_run(status)
+
+    report = commands.add_parser(
+        "report",
+        help="a job's results: top-1 and top-5 per stage, mean ± std over its seeds",
+        description="A table per job-file stage of its final val top-1 and top-5 as mean ± sample standard "
+        "deviation over its seeds (the runs a 'kdpipe run' of the job would reuse), and each stage's top-1 gain "
+        "in points over the baseline stage (--baseline, or the job file's baseline). Logs report.md and "
+        "report.png (bars with error bars, and the job's DAG) into the job's latest job run.",
     )
+    add_job_or_run(report)
+    report.add_argument("--baseline", metavar="STAGE", help="the stage whose top-1 the gains are measured from")
+    report.add_argument("--markdown", type=Path, metavar="FILE", help="also write the report as Markdown here")
 
     validate = commands.add_parser(
         "validate",
@@ -76,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "method names, method parameters and data paths. Prints the stage order; nothing is trained.",
     )
     validate.add_argument("job", type=Path, help="the job file (YAML)")
+    add_settings(validate)
 
     data = commands.add_parser(
         "data", help="write and check WebDataset shards", description="Write and check WebDataset shards."
@@ -114,6 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_job_or_run(parser: argparse.ArgumentParser) -> None:
+    """The JOB of `status` and `report`: a job file (with `--set`s) or a job run's id (in --tracking-uri)."""
+    parser.add_argument("job", help="the job file (YAML), or the MLflow run id of one run of the job")
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        help="MLflow store to look in when JOB is a run id (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    add_settings(parser)
+
+
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="set a field of the job file for this command, checked like the file: PATH is dotted, a stage named "
+        "by its name (stages.student.optimizer.lr=0.05, data.batch_size=128, seed=7); VALUE is read as YAML. "
+        "Repeatable; the job run records them (tag kdpipe.set)",
+    )
+
+
 def add_cluster_commands(commands) -> None:
     """submit, jobs, logs, stop: the Ray Jobs API of a cluster, authenticated with its Ray token."""
     address = {
@@ -134,6 +167,7 @@ def add_cluster_commands(commands) -> None:
     submit.add_argument("--address", **address)
     submit.add_argument("--storage", metavar="DIR", help="the cluster's shared folder, overriding its KDPIPE_STORAGE")
     submit.add_argument("--tracking-uri", metavar="URI", help="the cluster's MLflow server, e.g. http://HEAD:5000")
+    add_settings(submit)
     jobs = commands.add_parser(
         "jobs",
         help="list the kdpipe jobs on a Ray cluster",
@@ -169,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             "logs": cmd_logs,
             "stop": cmd_stop,
             "methods": cmd_methods,
+            "report": cmd_report,
         }
-        if args.command in ("validate", "run", "status"):
+        if args.command in ("validate", "run", "status", "report"):
             enter_storage(args)
         return commands[args.command](args)
     except UserError as err:
@@ -201,7 +236,7 @@ def enter_storage(args: argparse.Namespace) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.plan import load_plan
 
-    plan = load_plan(args.job)
+    plan = load_plan(args.job, settings=args.settings)
     order = " -> ".join(plan.order)
     console.print(f"{args.job}: ok, {len(plan.order)} stages in order: {order}", highlight=False, soft_wrap=True)
     return 0
@@ -210,11 +245,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.plan import load_plan
 
-    plan = load_plan(args.job)
+    plan = load_plan(args.job, settings=args.settings)
     if args.tracking_uri:
         plan.job.tracking.uri = args.tracking_uri
     for name in args.force:
-        if name not in plan.stages:
+        if not plan.named(name):
             raise UserError(f"--force: no stage '{name}' in {args.job}; its stages are: {', '.join(plan.order)}")
     from pipeline.runner import run_job  # heavy imports (Ray, DeepSpeed) only once the job file is known good
 
@@ -323,25 +358,32 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def job_and_tracker(args: argparse.Namespace):
+    """The plan and MLflow store of `status` and `report`: from a job file (with its `--set`s), or from a job
+    run's id (the job run stores the job it ran as job.json)."""
     from pipeline.plan import load_plan, plan_job
     from pipeline.spec import JobSpec
-    from pipeline.status import job_status
     from pipeline.tracking import Tracker, TrackingError
 
     if Path(args.job).is_file():
-        plan = load_plan(args.job)
-        tracker = Tracker(plan.job.tracking.uri)
-    else:  # a run id: the job run stores the job it ran as job.json
-        tracker = Tracker(args.tracking_uri)
-        try:
-            run = tracker.client.get_run(args.job)
-            with tempfile.TemporaryDirectory() as folder:
-                stored = tracker.client.download_artifacts(run.info.run_id, "job.json", folder)
-                job = JobSpec.model_validate_json(Path(stored).read_text())
-        except TrackingError:
-            raise UserError(f"{args.job}: neither a job file nor a kdpipe job run in {tracker.uri}") from None
-        plan = plan_job(job)
+        plan = load_plan(args.job, settings=args.settings)
+        return plan, Tracker(plan.job.tracking.uri)
+    tracker = Tracker(args.tracking_uri)
+    try:
+        run = tracker.client.get_run(args.job)
+        with tempfile.TemporaryDirectory() as folder:
+            stored = tracker.client.download_artifacts(run.info.run_id, "job.json", folder)
+            job = JobSpec.model_validate_json(Path(stored).read_text())
+    except TrackingError:
+        raise UserError(f"{args.job}: neither a job file nor a kdpipe job run in {tracker.uri}") from None
+    return plan_job(job), tracker
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import job_status
+    from pipeline.tracking import TrackingError
+
+    plan, tracker = job_and_tracker(args)
     try:
         rows = job_status(plan, tracker, tracker.experiment_id(plan.job.tracking.experiment))
     except TrackingError as err:
@@ -363,6 +405,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     if any(row.state == "outdated" for row in rows):
         table.caption = "outdated: its run was trained with an older fingerprint; the next 'kdpipe run' trains it again"
     print_table(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import job_results, log_report, report_rows
+    from pipeline.tracking import TrackingError
+
+    plan, tracker = job_and_tracker(args)
+    baseline = args.baseline or plan.job.baseline
+    if baseline is not None and baseline not in {stage.name for stage in plan.job.stages}:
+        raise UserError(f"--baseline: no stage '{baseline}' in the job; its stages are: {', '.join(plan.order)}")
+    title = f"kdpipe job '{plan.job.name}'"
+    try:
+        experiment = tracker.experiment_id(plan.job.tracking.experiment)
+        results = job_results(plan, tracker, experiment)
+        job_run = tracker.latest_job_run(experiment, plan.job.name)
+        text = log_report(tracker, job_run.info.run_id, title, results, baseline) if job_run else None
+    except TrackingError as err:
+        raise UserError(str(err)) from None
+    header, rows = report_rows(results, baseline)
+    table = Table(title=f"{title} in {tracker.uri}")
+    for column in header:
+        table.add_column(column, justify="left" if column in ("stage", "method", "teachers") else "right")
+    for row in rows:
+        table.add_row(*row)
+    table.caption = "val top-1 and top-5 of each stage's final epoch: mean ± std over its seeds"
+    print_table(table)
+    if text is None:
+        err_console.print(f"no run of job '{plan.job.name}' in {tracker.uri} yet: nothing to report")
+        return 0
+    if args.markdown:
+        args.markdown.write_text(text)
+    console.print(f"logged report.md and report.png into job run {job_run.info.run_id}", highlight=False)
     return 0
 
 
@@ -390,9 +465,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     # Everything but the data path is checked here, before the cluster is contacted; the path is the cluster's
     # (its shared storage, a bucket), and a missing one fails the job there, in one line of its log.
-    job = load_plan(args.job, check_paths=False).job
+    job = load_plan(args.job, check_paths=False, settings=args.settings).job
     with cluster.session(args.address) as client:
-        job_id = cluster.submit(client, args.job, job, args.storage, args.tracking_uri)
+        job_id = cluster.submit(client, args.job, job, args.storage, args.tracking_uri, args.settings)
     print(job_id)
     err_console.print(f"follow it with: kdpipe logs --follow {job_id}", highlight=False)
     return 0

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import requests
@@ -85,10 +85,17 @@ def session(address: str | None) -> Iterator[JobSubmissionClient]:
 
 
 def submit(
-    client: JobSubmissionClient, job_file: Path, job: JobSpec, storage: str | None, tracking_uri: str | None
+    client: JobSubmissionClient,
+    job_file: Path,
+    job: JobSpec,
+    storage: str | None,
+    tracking_uri: str | None,
+    settings: Sequence[str] = (),
 ) -> str:
-    """Submit `kdpipe run` of `job_file` (checked as `job`) as a Ray job; returns its submission id."""
+    """Submit `kdpipe run` of `job_file` (checked as `job`, with its `--set` settings) as a Ray job; returns its
+    submission id. The Jobs API runs the entrypoint through a shell: every argument is quoted."""
     argv = ["-m", "pipeline.cli", "run", job_file.name] + (["--tracking-uri", tracking_uri] if tracking_uri else [])
+    argv += [f"--set={setting}" for setting in settings]
     env = {"KDPIPE_STORAGE": storage} if storage else {}
     with tempfile.TemporaryDirectory() as folder:
         shutil.copytree(PACKAGE, Path(folder) / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__"))

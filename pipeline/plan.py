@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,27 +19,34 @@ from pipeline.spec import DataSpec, JobSpec, StageSpec, describe_error, load_job
 
 @dataclass(frozen=True)
 class PlannedStage:
-    spec: StageSpec
+    spec: StageSpec  # as it runs: a repeat's name carries its seed (`student-s1`), and so do its teachers'
     params: BaseModel  # the method's params with defaults filled in
     method_version: int
+    seed: int = 0
+    source: StageSpec | None = None  # as the job file has it, when `spec` is one of its repeats
 
     @property
     def config(self) -> dict:
         """The resolved stage config: what MLflow records as params."""
-        resolved = self.spec.model_dump()
+        return self.resolved(self.spec)
+
+    def resolved(self, spec: StageSpec) -> dict:
+        resolved = spec.model_dump()
         resolved["params"] = self.params.model_dump()
         return resolved
 
     def identity(self, job: JobSpec) -> dict:
-        """What this stage learns from, apart from its teachers and the data's content: its resolved config, the
-        job's seed, the data settings that decide which samples it sees and how, its method's version. Where and
-        on what its workers run (placement, CPUs, GPUs) changes nothing it learns; their count sets the global
-        batch and stays."""
-        resolved = self.config
+        """What this stage learns from, apart from its teachers and the data's content: its resolved config as
+        the job file has it, its seed, the data settings that decide which samples it sees and how, its method's
+        version. Where and on what its workers run (placement, CPUs, GPUs) changes nothing it learns; their count
+        sets the global batch and stays. How many repeats there are is not what one repeat learns from: seed 0 of
+        `seeds: [0, 1, 2]` is the run of a single-seed job with seed 0."""
+        resolved = self.resolved(self.source or self.spec)
+        resolved.pop("seeds")
         resolved["workers"] = resolved["workers"]["count"]
         return {
             "stage": resolved,
-            "seed": job.seed,
+            "seed": self.seed,
             "reading": reading_settings(job.data),
             "method_version": self.method_version,
         }
@@ -57,6 +66,7 @@ class Plan:
     job: JobSpec
     order: list[str]  # teachers before students
     stages: dict[str, PlannedStage]
+    settings: tuple[str, ...] = ()  # the `--set PATH=VALUE`s applied to the job file, as given
 
     def fingerprints(self, data_id: str) -> dict[str, str]:
         prints: dict[str, str] = {}
@@ -65,6 +75,10 @@ class Plan:
             upstream = [prints[t] for t in stage.spec.teachers]
             prints[name] = dag.fingerprint(stage.identity(self.job), upstream, data_id)
         return prints
+
+    def named(self, name: str) -> list[str]:
+        """The planned stages a name stands for: a stage, or every repeat of a job-file stage."""
+        return [n for n, stage in self.stages.items() if name in (n, stage.source.name if stage.source else n)]
 
     def downstream(self, name: str) -> set[str]:
         """`name` and every stage that learns from it, directly or through others."""
@@ -77,12 +91,42 @@ class Plan:
 
 def plan_job(job: JobSpec) -> Plan:
     order = dag.topological_order(job.stages)
-    stages = {}
+    planned, index = {}, {}
     for i, stage in enumerate(job.stages):
-        stages[stage.name] = plan_stage(stage, f"stages[{i}]")
+        planned[stage.name], index[stage.name] = plan_stage(stage, f"stages[{i}]"), i
         if stage.search is not None:
-            check_search(stages[stage.name], f"stages[{i}].search.space")
-    return Plan(job, order, stages)
+            check_search(planned[stage.name], f"stages[{i}].search.space")
+    if job.baseline is not None and job.baseline not in planned:
+        raise UserError(f"baseline: unknown stage '{job.baseline}'; expected one of: {', '.join(planned)}")
+    return repeat_over_seeds(job, order, planned, index)
+
+
+def repeat_over_seeds(job: JobSpec, order: list[str], planned: dict[str, PlannedStage], index: dict) -> Plan:
+    """One planned stage per (stage, seed). A stage of several seeds becomes `name-s<seed>` repeats, each
+    learning from its teachers' repeat of the same seed, or from a teacher's only seed; a stage of one seed
+    keeps its name."""
+    seeds = {name: stage.spec.seeds or job.seeds or [job.seed] for name, stage in planned.items()}
+
+    def repeat(name: str, seed: int) -> str:
+        return name if len(seeds[name]) == 1 else f"{name}-s{seed}"
+
+    stages: dict[str, PlannedStage] = {}
+    for name in order:
+        stage = planned[name]
+        for seed in seeds[name]:
+            teachers = []
+            for teacher in stage.spec.teachers:
+                if len(seeds[teacher]) > 1 and seed not in seeds[teacher]:
+                    raise UserError(
+                        f"stages[{index[name]}].teachers: '{name}' repeats seed {seed}, which its teacher '{teacher}' "
+                        f"does not (its seeds: {seeds[teacher]}); give '{teacher}' that seed or a single seed"
+                    )
+                teachers.append(repeat(teacher, seed if len(seeds[teacher]) > 1 else seeds[teacher][0]))
+            spec = stage.spec.model_copy(update={"name": repeat(name, seed), "teachers": teachers})
+            if spec.name in stages or (spec.name != name and spec.name in planned):
+                raise UserError(f"stages[{index[name]}]: its repeat '{spec.name}' has the name of another stage")
+            stages[spec.name] = dataclasses.replace(stage, spec=spec, seed=seed, source=stage.spec)
+    return Plan(job, list(stages), stages)
 
 
 def plan_stage(stage: StageSpec, where: str) -> PlannedStage:
@@ -157,11 +201,12 @@ def check_search(stage: PlannedStage, where: str) -> None:
                 )
 
 
-def load_plan(path: str | Path, check_paths: bool = True) -> Plan:
-    """Load, validate and plan a job file; every problem is a one-line `UserError` naming the file.
-    `check_paths=False` leaves data paths to the machine that will read them."""
-    job = load_job(path, check_paths)
+def load_plan(path: str | Path, check_paths: bool = True, settings: Sequence[str] = ()) -> Plan:
+    """Load, validate and plan a job file with its `--set` settings; every problem is a one-line `UserError`
+    naming the file (or the setting). `check_paths=False` leaves data paths to the machine that will read them."""
+    job = load_job(path, check_paths, settings)
     try:
-        return plan_job(job)
+        return dataclasses.replace(plan_job(job), settings=tuple(settings))
     except UserError as err:
-        raise UserError(f"{path}: {err}") from None
+        source = f"{path} with --set {' --set '.join(settings)}" if settings else path
+        raise UserError(f"{source}: {err}") from None

@@ -80,3 +80,46 @@ def plot_search_values(trials: list[Trial], metric: str, title: str, path: Path)
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def plot_report(results: list, baseline: str | None, title: str, path: Path) -> Path:
+    """A job's report (`pipeline.report.StageResult`s): top-1 per stage as bars with standard-deviation error
+    bars (the baseline hatched), and beside them the job's DAG, teachers to the left of their students."""
+    figure, (bars, graph) = plt.subplots(1, 2, figsize=(11, 4), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+    means = [r.mean("val/top1") or 0.0 for r in results]
+    errors = [r.std("val/top1") or 0.0 for r in results]
+    drawn = bars.bar(range(len(results)), means, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
+    for bar, result in zip(drawn, results, strict=True):
+        if result.stage == baseline:
+            bar.set_hatch("//")
+            bar.set_color("tab:gray")
+        label = f"n={len(result.seeds)}" if result.seeds else "not run"
+        bars.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                      fontsize=7, xytext=(0, 6), textcoords="offset points")  # fmt: skip
+    bars.set_xticks(range(len(results)), [r.stage for r in results], rotation=30, ha="right", fontsize=8)
+    bars.set_ylabel("val top-1 (mean ± std over seeds)")
+    bars.set_ylim(0, min(1.0, max(means + [0.1]) * 1.2))
+    bars.grid(axis="y", alpha=0.3)
+    depth: dict[str, int] = {}
+    for result in results:  # the job file lists teachers before students
+        depth[result.stage] = 1 + max((depth.get(t, 0) for t in result.teachers), default=-1)
+    rows: dict[int, int] = {}
+    where = {}
+    for result in results:
+        level = depth[result.stage]
+        where[result.stage] = (level, -rows.get(level, 0))
+        rows[level] = rows.get(level, 0) + 1
+    for result in results:
+        for teacher in result.teachers:
+            graph.annotate("", where[result.stage], where[teacher], arrowprops={"arrowstyle": "->", "color": "0.5"})
+    for stage, (x, y) in where.items():
+        graph.text(x, y, stage, ha="center", va="center", fontsize=8, bbox={"boxstyle": "round", "fc": "white"})
+    graph.set_xlim(-0.5, max(depth.values()) + 0.5)
+    graph.set_ylim(-max(rows.values()) + 0.5, 0.5)
+    graph.axis("off")
+    graph.set_title("stages: teacher -> student", fontsize=9)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path

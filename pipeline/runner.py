@@ -158,7 +158,7 @@ class JobRunner:
         self.prints = plan.fingerprints(self.data.identity)
         self.tracker = Tracker(self.job.tracking.uri)
         self.experiment = self.tracker.experiment_id(self.job.tracking.experiment)
-        self.parent = self.tracker.start_job_run(self.experiment, self.job.name, self.job.model_dump())
+        self.parent = self.tracker.start_job_run(self.experiment, self.job.name, self.job.model_dump(), plan.settings)
         self.storage = storage_path(self.job.workdir)
         self.outcomes = {
             name: StageOutcome(name, stage.spec.method, stage.spec.teachers, fingerprint=self.prints[name])
@@ -169,7 +169,7 @@ class JobRunner:
         self.renewed = time.monotonic()
 
     def run(self, force: tuple[str, ...], on_poll) -> dict[str, StageOutcome]:
-        forced = set().union(*(self.plan.downstream(name) for name in force))
+        forced = set().union(*(self.plan.downstream(n) for name in force for n in self.plan.named(name)))
         for name in self.plan.order:
             if name not in forced:
                 self.look_up(self.outcomes[name])
@@ -193,8 +193,18 @@ class JobRunner:
                     on_poll(self.outcomes, self.progress())
         ok = all(o.finished for o in self.outcomes.values())
         with contextlib.suppress(TrackingError):  # a tracking outage is already each stage's reported error
+            self.log_report()
             self.tracker.finish(self.parent, "FINISHED" if ok else "FAILED")
         return self.outcomes
+
+    def log_report(self) -> None:
+        """The job's report into its job run. Its plot only when this run trained something: a rerun that
+        reused every stage draws the same picture, and matplotlib's import would be most of its few seconds."""
+        from pipeline.report import job_results, log_report
+
+        results = job_results(self.plan, self.tracker, self.experiment, self.prints)
+        drawn = any(o.status not in ("reused", "skipped") for o in self.outcomes.values())
+        log_report(self.tracker, self.parent, f"kdpipe job '{self.job.name}'", results, self.job.baseline, drawn)
 
     def look_up(self, outcome: StageOutcome) -> None:
         """Reuse a finished run of this exact stage (same fingerprint); wait for one another driver is training;
@@ -271,7 +281,7 @@ class JobRunner:
             tuple(TeacherRef(t, run) for t, run in teacher_runs.items()),
             tracker.uri,
             outcome.run_id,
-            job.seed,
+            stage.seed,
             job.checkpoint,
         )
         outcome.status, outcome.seconds = "running", time.perf_counter()
@@ -294,8 +304,9 @@ class JobRunner:
                 return False
             tracker.reopen(outcome.run_id, self.parent, outcome.name)
             return True
+        seed = self.plan.stages[outcome.name].seed
         outcome.run_id = tracker.start_stage_run(
-            self.experiment, self.parent, self.job.name, outcome.name, outcome.fingerprint, config, teacher_runs
+            self.experiment, self.parent, self.job.name, outcome.name, outcome.fingerprint, config, teacher_runs, seed
         )
         first = tracker.first_live_run(self.experiment, outcome.fingerprint)
         if first is not None and first.info.run_id != outcome.run_id:  # another driver created one first

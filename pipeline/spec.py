@@ -6,11 +6,13 @@ This module knows no runtime (no torch, Ray or MLflow), so `kdpipe validate` is 
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -178,6 +180,15 @@ class SearchSpec(Strict):
     seed: int = Field(0, ge=0, lt=SEED_LIMIT)
 
 
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+Seeds = Annotated[list[Seed], Field(min_length=1, max_length=100)]
+
+
+def distinct(seeds: list[int] | None, field: str) -> None:
+    if seeds and len(set(seeds)) < len(seeds):
+        raise ValueError(f"{field}: each seed once")
+
+
 class StageSpec(Strict):
     name: str = Field(pattern=NAME, max_length=100)
     model: str = Field(max_length=100)
@@ -192,9 +203,13 @@ class StageSpec(Strict):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     search: SearchSpec | None = Field(None, description="search this stage's hyperparameters with Ray Tune")
+    seeds: Seeds | None = Field(
+        None, description="train this stage once per seed (default: the job's seeds); a teacher of one seed teaches all"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> StageSpec:
+        distinct(self.seeds, "seeds")
         schedule = self.schedule
         if schedule.warmup_epochs > self.epochs:
             raise ValueError(f"schedule.warmup_epochs: at most the stage's {self.epochs} epochs")
@@ -231,6 +246,10 @@ class CheckpointSpec(Strict):
 class JobSpec(Strict):
     name: str = Field(pattern=NAME, max_length=100)
     seed: int = Field(0, ge=0, lt=SEED_LIMIT)
+    seeds: Seeds | None = Field(None, description="train the whole DAG once per seed (default: [seed])")
+    baseline: str | None = Field(
+        None, max_length=100, description="the stage the report measures every other stage's top-1 gain against"
+    )
     workdir: str = Field(
         "kdpipe-out",
         max_length=4096,
@@ -243,26 +262,76 @@ class JobSpec(Strict):
     )
     stages: list[StageSpec] = Field(min_length=1, max_length=1000)
 
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> JobSpec:
+        distinct(self.seeds, "seeds")
+        return self
 
-def load_job(path: str | Path, check_paths: bool = True) -> JobSpec:
-    """Read and validate a job file; any problem is a one-line `UserError`. `check_paths=False` leaves data paths
-    to the machine that reads them (`kdpipe submit`: the cluster's shared storage, not the laptop's disk)."""
+
+def load_job(path: str | Path, check_paths: bool = True, settings: Sequence[str] = ()) -> JobSpec:
+    """Read and validate a job file, with `--set PATH=VALUE` settings applied; any problem is a one-line
+    `UserError` naming the file, or the setting that caused it. `check_paths=False` leaves data paths to the
+    machine that reads them (`kdpipe submit`: the cluster's shared storage, not the laptop's disk)."""
     path = Path(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of job fields at the top level, got {type(raw).__name__}")
     try:
-        spec = JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(apply_settings(raw, settings))
     except ValidationError as err:
-        raise UserError(f"{path}: {describe_error(err)}") from None
+        raise UserError(f"{blame(raw, settings, path)}: {describe_error(err)}") from None
     if check_paths:
         check_data_path(spec.data, path)
     return spec
 
 
+def apply_settings(raw: dict, settings: Sequence[str]) -> dict:
+    """A copy of the job file's data with each `PATH=VALUE` set: VALUE read as YAML (0.05, true, [0, 1], a word),
+    PATH dotted, a stage named by its name (`stages.student.optimizer.lr`). A path that leads nowhere is a
+    `UserError` naming the setting; a field the schema lacks is left for validation to name."""
+    raw = copy.deepcopy(raw)
+    for setting in settings:
+        dotted, equals, text = setting.partition("=")
+        parts = dotted.strip().split(".")
+        if not equals or not all(parts):
+            raise UserError(f"--set {setting}: expected PATH=VALUE, e.g. stages.student.optimizer.lr=0.05")
+        value = parse_yaml(text, f"--set {dotted}")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            where = ".".join(parts[:i]) or "job"
+            if isinstance(node, list):
+                named = {str(item.get("name")): item for item in node if isinstance(item, dict)}
+                if part not in named:
+                    raise UserError(f"--set {dotted}: no '{part}' in {where}; expected one of: {', '.join(named)}")
+                if i == len(parts) - 1:
+                    raise UserError(f"--set {dotted}: expected a field of {where}.{part}, e.g. {dotted}.epochs")
+                node = named[part]
+            elif not isinstance(node, dict):
+                raise UserError(f"--set {dotted}: {where} holds a single value, not fields")
+            elif i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+    return raw
+
+
+def blame(raw: dict, settings: Sequence[str], path: Path) -> str:
+    """Whose mistake a validation error is: the file's, if it fails alone; else the first setting that breaks it."""
+    try:
+        JobSpec.model_validate(raw)
+    except ValidationError:
+        return str(path)
+    for n in range(1, len(settings) + 1):
+        try:
+            JobSpec.model_validate(apply_settings(raw, settings[:n]))
+        except ValidationError:
+            return f"--set {settings[n - 1]}"
+    return str(path)
+
+
 def read_yaml(path: Path) -> Any:
     """A job file's YAML as plain data, refusing what could hang or exhaust memory: more than MAX_JOB_BYTES, text
-    that is not UTF-8, nesting deeper than MAX_NESTING, more than MAX_VALUES values once aliases are expanded."""
+    that is not UTF-8, and what `parse_yaml` refuses."""
     try:
         with path.open("rb") as file:
             data = file.read(MAX_JOB_BYTES + 1)
@@ -274,6 +343,12 @@ def read_yaml(path: Path) -> Any:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: byte {err.start} is not UTF-8; expected a YAML job file in UTF-8") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text as plain data, refusing nesting deeper than MAX_NESTING and more than MAX_VALUES values once
+    aliases are expanded; `source` (a file, a `--set`) starts each error line."""
     loader = None
     try:
         loader = yaml.SafeLoader(text)
@@ -286,13 +361,13 @@ def read_yaml(path: Path) -> Any:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"{path}{where}: YAML syntax error: {problem}") from None
+        raise UserError(f"{source}{where}: YAML syntax error: {problem}") from None
     except TooLarge as err:
-        raise UserError(f"{path}: {err}; expected a job file") from None
+        raise UserError(f"{source}: {err}; expected a job file") from None
     except RecursionError:
-        raise UserError(f"{path}: YAML nested deeper than {MAX_NESTING} levels") from None
+        raise UserError(f"{source}: YAML nested deeper than {MAX_NESTING} levels") from None
     except (ValueError, OverflowError) as err:  # e.g. an integer of more digits than Python converts
-        raise UserError(f"{path}: a value YAML cannot hold as a number ({str(err)[:120]})") from None
+        raise UserError(f"{source}: a value YAML cannot hold as a number ({str(err)[:120]})") from None
     finally:
         if loader is not None:
             loader.dispose()

@@ -15,7 +15,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,8 @@ from pipeline.errors import UserError
 TAG_KIND, TAG_JOB, TAG_STAGE, TAG_FINGERPRINT = "kdpipe.kind", "kdpipe.job", "kdpipe.stage", "kdpipe.fingerprint"
 TAG_TEACHER = "kdpipe.teacher"  # kdpipe.teacher.<stage> = the MLflow run whose weights this stage learned from
 TAG_CHECKPOINT, TAG_RESUMED = "kdpipe.checkpoint", "kdpipe.resumed_from"
+TAG_SEED = "kdpipe.seed"  # on a stage run: the seed it trained with (one repeat of `seeds:`)
+TAG_SETTINGS = "kdpipe.set"  # on a job run: the `--set PATH=VALUE` settings of the command line, a JSON list
 TAG_NODE = "kdpipe.node"  # kdpipe.node.<rank> = the Ray node id that rank of the stage ran on
 # A searched stage's trials are runs nested under its run: kind "trial", the Ray Tune trial id, the sampled values
 # (on the stage run: its best trial's).
@@ -173,8 +175,11 @@ class Tracker:
         except TrackingError as err:
             raise UserError(f"tracking.uri: cannot use the MLflow store: {err}") from None
 
-    def start_job_run(self, experiment_id: str, job: str, spec: dict) -> str:
+    def start_job_run(self, experiment_id: str, job: str, spec: dict, settings: Sequence[str] = ()) -> str:
+        """The job run: the resolved job as `job.json`, and the `--set` settings it was run with as a tag."""
         tags = {TAG_KIND: "job", TAG_JOB: job, MLFLOW_RUN_NAME: job}
+        if settings:
+            tags[TAG_SETTINGS] = json.dumps(list(settings))
         run = self.client.create_run(experiment_id, tags=tags, run_name=job)
         self.client.log_text(run.info.run_id, json.dumps(spec, indent=1), "job.json")
         return run.info.run_id
@@ -188,12 +193,14 @@ class Tracker:
         fingerprint: str,
         config: dict,
         teacher_runs: dict[str, str],
+        seed: int = 0,
     ) -> str:
         tags = {f"{TAG_TEACHER}.{name}": run for name, run in teacher_runs.items()}
         tags |= {
             TAG_KIND: "stage",
             TAG_JOB: job,
             TAG_STAGE: stage,
+            TAG_SEED: str(seed),
             TAG_FINGERPRINT: fingerprint,
             MLFLOW_PARENT_RUN_ID: parent_id,
             MLFLOW_RUN_NAME: stage,

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -61,6 +68,67 @@ def finished_chain(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     plan = load_plan(write_job(root / "job.yaml", tiny_job(root, CHAIN, **CHAIN_DATA)))
     return root, plan, run_job(plan)
+
+
+# A teacher and a student over seeds [0, 1]: four stages of one worker each, two of which fit on the 2 CPUs at once.
+ONE_WORKER = {"workers": {"count": 1}}
+SEEDED_PAIR = [
+    {"name": "teacher", "model": "resnet8", "epochs": 1, "optimizer": {"lr": 0.1}, **ONE_WORKER},
+    {"name": "student", "model": "resnet8", "teachers": ["teacher"], "method": "kd", "epochs": 1, **ONE_WORKER},
+]
+REPEATS = ("teacher-s0", "teacher-s1", "student-s0", "student-s1")  # its stages as they run
+
+
+@dataclass
+class Drivers:
+    path: Path  # the job file
+    tracking_uri: str
+    pids: list[int]
+    returncodes: list[int]
+    outputs: list[tuple[str, str]]  # each driver's stdout and stderr
+    cpu: dict[int, float]  # each driver's own CPU seconds, last seen alive
+    wall: float
+
+
+@pytest.fixture(scope="session")
+def two_drivers_over_seeds(ray_local, tmp_path_factory) -> Drivers:
+    """The seeded pair run by two real `kdpipe run` processes started at the same moment: what test_lease checks
+    of the race (each stage trained once) and test_seeds of the repeats (each student from its seed's teacher)."""
+    root = tmp_path_factory.mktemp("seeds")
+    job = tiny_job(root, SEEDED_PAIR, train_size=256, val_size=64)
+    job.update(seeds=[0, 1], baseline="teacher")
+    path = write_job(root / "job.yaml", job)
+    env = cluster_env(ray_local, COLUMNS="200")
+    drivers = [
+        subprocess.Popen([*KDPIPE, "run", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    started = time.monotonic()
+    cpu = {driver.pid: 0.0 for driver in drivers}
+    sampler = threading.Thread(target=sample_cpu, args=(drivers, cpu), daemon=True)
+    sampler.start()
+    outputs = [tuple(part.decode() for part in driver.communicate(timeout=600)) for driver in drivers]
+    wall = time.monotonic() - started
+    return Drivers(
+        path, job["tracking"]["uri"], [d.pid for d in drivers], [d.returncode for d in drivers], outputs, cpu, wall
+    )
+
+
+def sample_cpu(drivers: list[subprocess.Popen], cpu: dict[int, float]) -> None:
+    while any(driver.poll() is None for driver in drivers):
+        for driver in drivers:
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(driver.pid).cpu_times()
+                cpu[driver.pid] = times.user + times.system
+        time.sleep(0.5)
+
+
+KDPIPE = [sys.executable, "-m", "pipeline.cli"]
+
+
+def cluster_env(ray_local, **extra: str) -> dict[str, str]:
+    """A `kdpipe` subprocess joins the test session's Ray cluster as a driver of its own."""
+    return dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, **extra)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.errors import UserError
 
 GOOD = {
     "name": "bad",
@@ -160,3 +161,50 @@ def test_good_job_validates(tmp_path, capsys):
     path.write_text(yaml.safe_dump(GOOD))
     assert main(["validate", str(path)]) == 0
     assert "teacher -> student" in capsys.readouterr().out
+
+
+SETTINGS = {  # a bad `--set`: what the one line must name
+    "unknown stage": ("stages.pupil.epochs=3", ["--set stages.pupil.epochs", "'pupil'", "teacher, student"]),
+    "unknown field": ("stages.student.optimizer.lrr=0.05", ["--set stages.student.optimizer.lrr", "unknown field"]),
+    "wrong type": ("data.batch_size=many", ["--set data.batch_size=many", "data.batch_size", "integer"]),
+    "not finite": ("stages.teacher.optimizer.lr=.inf", ["--set stages.teacher.optimizer.lr", "finite"]),
+    "no value": ("seed", ["--set seed", "PATH=VALUE"]),
+    "into a value": ("data.source.x=1", ["--set data.source.x", "single value"]),
+    "bad YAML": ("seed=[1", ["--set seed", "YAML syntax error"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SETTINGS))
+@pytest.mark.parametrize("command", ["validate", "run", "status", "submit"])
+def test_a_bad_setting_is_named_in_one_line(case, command, tmp_path, capsys):
+    """Issue 17, point 2: a bad `--set` is refused like a bad job file, before anything runs (submit: before
+    the cluster is contacted)."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    setting, expected = SETTINGS[case]
+    assert main([command, str(path), "--set", setting]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert all(fragment in lines[0] for fragment in expected), lines[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_a_setting_is_checked_like_the_file_and_changes_only_its_field(tmp_path):
+    from pipeline.plan import load_plan
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    settings = ["stages.student.optimizer.lr=0.05", "data.batch_size=128", "seed=7", "stages.teacher.epochs=2"]
+    plan = load_plan(path, settings=settings)
+    assert plan.stages["student"].spec.optimizer.lr == 0.05 and plan.stages["teacher"].spec.epochs == 2
+    assert plan.job.data.batch_size == 128 and plan.job.seed == 7 and plan.settings == tuple(settings)
+    plain = load_plan(path)
+    assert plain.stages["teacher"].spec.optimizer == plan.stages["teacher"].spec.optimizer  # untouched
+    assert plain.stages["student"].spec.epochs == plan.stages["student"].spec.epochs
+    # A setting can supply what the file lacks; the file's own mistakes stay the file's.
+    path.write_text(edit(lambda j: j["stages"][0].update(epochs=0)))
+    assert load_plan(path, settings=["stages.teacher.epochs=2"]).stages["teacher"].spec.epochs == 2
+    path.write_text(yaml.safe_dump({**GOOD, "seed": -1}))
+    with pytest.raises(UserError, match=rf"^{path}: seed"):
+        load_plan(path, settings=["stages.student.epochs=2"])

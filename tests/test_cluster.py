@@ -56,6 +56,10 @@ class Cluster:
         return {node["node_id"] for node in reply.json()["data"]["result"]["result"] if node["state"] == "ALIVE"}
 
 
+def agent_port() -> list[str]:
+    return ["--dashboard-agent-listen-port", str(free_port())]
+
+
 def wait_for(what: str, ready, seconds: float, processes: list[subprocess.Popen]) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -107,7 +111,9 @@ def cluster(tmp_path_factory):
         ),
         start(
             "head",
-            [str(REPO / "cluster/start-head.sh"), "--block", "--temp-dir", ray_temp],
+            # Agent ports of their own: the default one (52365) may be held by this session's local Ray, and a
+            # head without its agent takes no jobs.
+            [str(REPO / "cluster/start-head.sh"), "--block", "--temp-dir", ray_temp, *agent_port()],
             HEAD_IP="127.0.0.1",
             RAY_PORT=str(ray_port),
             DASHBOARD_PORT=str(dashboard_port),
@@ -123,7 +129,7 @@ def cluster(tmp_path_factory):
         processes.append(
             start(
                 "worker",
-                [str(REPO / "cluster/start-worker.sh"), f"127.0.0.1:{ray_port}", "--block"],
+                [str(REPO / "cluster/start-worker.sh"), f"127.0.0.1:{ray_port}", "--block", *agent_port()],
                 NODE_IP="127.0.0.1",
             )
         )
@@ -149,10 +155,10 @@ def mlflow_login(cluster, monkeypatch):
 CLUSTER_DATA = "datasets/fashion-mnist"  # relative: the cluster's storage holds it, the submitting machine does not
 
 
-def small_quickstart(path: Path) -> Path:
+def small_quickstart(path: Path, stages: int = 2) -> Path:
     """jobs/quickstart.yaml made small for the test's 2 cores: its teacher (2 epochs, room to stop the job between
-    checkpoints) and a student learning from it, on 512 Fashion-MNIST images at a path that exists only in the
-    cluster's storage; its relative paths stay relative (to that storage)."""
+    checkpoints) and (with `stages` 2) a student learning from it, on 512 Fashion-MNIST images at a path that
+    exists only in the cluster's storage; its relative paths stay relative (to that storage)."""
     job = yaml.safe_load((REPO / "jobs/quickstart.yaml").read_text())
     job["data"] = {
         "source": "fashion-mnist",
@@ -164,8 +170,8 @@ def small_quickstart(path: Path) -> Path:
     }
     teacher, student = job["stages"][0], job["stages"][-1]
     student["teachers"] = [teacher["name"]]
-    job["stages"] = [teacher, student]
-    for stage, epochs in zip(job["stages"], (2, 1), strict=True):
+    job["stages"] = [teacher, student][:stages]
+    for stage, epochs in zip(job["stages"], (2, 1), strict=False):
         stage.update(epochs=epochs, workers={"count": 2, "placement": "SPREAD"})
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
@@ -184,25 +190,30 @@ def stage_runs(tracker: Tracker, stage: str) -> list:
 
 def test_submit_stop_and_resubmit_resumes_on_two_nodes(cluster, mlflow_login, tmp_path):
     """Issue 7's submit, stop and resubmit; issue 16, point 4: the job's data path exists only in the cluster's
-    shared storage, and `kdpipe submit` leaves it to the cluster."""
+    shared storage, and `kdpipe submit` leaves it to the cluster. The teacher alone: its resumption reads its
+    checkpoint back through the MLflow server as a student reads its teacher's weights (test_pipeline)."""
     shutil.copytree(FASHION_MNIST, cluster.storage / CLUSTER_DATA)
     assert not (REPO / CLUSTER_DATA).exists()
-    job = small_quickstart(tmp_path / "quickstart.yaml")
+    job = small_quickstart(tmp_path / "quickstart.yaml", stages=1)
     submit = ["submit", str(job), "--address", cluster.dashboard, "--tracking-uri", cluster.mlflow]
     first = cluster.kdpipe(*submit)
     assert first.returncode == 0, first.stderr
     first_id = first.stdout.strip()
 
-    # Stop the job once the teacher (2 epochs) has saved its first checkpoint in MLflow.
+    # Stop the job once the teacher (2 epochs) has saved its first checkpoint in MLflow. Ray Train's copy of it,
+    # in the cluster's storage, comes first: watching that folder spares the MLflow server (one process, a
+    # password hash per request) a poll a second while the stage trains beside it on the same 2 cores.
     deadline = time.monotonic() + 400
-    while not any(artifacts.stored_checkpoints(mlflow_login, run.info.run_id) for run in teacher_runs(mlflow_login)):
+    while not any(cluster.storage.glob("*/ray/*-teacher-*/checkpoint_*/position.json")):
         assert time.monotonic() < deadline, cluster.kdpipe("logs", first_id, "--address", cluster.dashboard).stdout
-        time.sleep(1)
+        time.sleep(0.2)
+    while not any(artifacts.stored_checkpoints(mlflow_login, run.info.run_id) for run in teacher_runs(mlflow_login)):
+        assert time.monotonic() < deadline, "the checkpoint in Ray Train's storage never reached MLflow"
+        time.sleep(0.2)
     stopped = cluster.kdpipe("stop", first_id, "--address", cluster.dashboard)
     assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
     (interrupted,) = stage_runs(mlflow_login, "teacher")
     assert interrupted.info.status == "RUNNING"  # its driver was stopped: nobody closed it
-    assert stage_runs(mlflow_login, "student") == []
 
     second = cluster.kdpipe(*submit)
     assert second.returncode == 0, second.stderr
@@ -211,18 +222,14 @@ def test_submit_stop_and_resubmit_resumes_on_two_nodes(cluster, mlflow_login, tm
     assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr
     assert f"{second_id}: SUCCEEDED" in followed.stderr
     table = {line.split("│")[1].strip(): line for line in followed.stdout.splitlines() if line.count("│") > 4}
-    assert "done (resumed)" in table["teacher"] and "done" in table["student"]
+    assert "done (resumed)" in table["teacher"]
 
-    # The same teacher run was continued from its checkpoint, and each stage has exactly one finished run.
-    runs = {stage: stage_runs(mlflow_login, stage) for stage in ("teacher", "student")}
-    assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in runs.values())
-    assert runs["teacher"][0].info.run_id == interrupted.info.run_id
-    assert TAG_RESUMED in runs["teacher"][0].data.tags
-    # Each stage's 2 workers ran on the 2 different nodes of the cluster.
-    nodes = cluster.node_ids()
-    for stage, (run,) in runs.items():
-        ranks = {run.data.tags[f"{TAG_NODE}.{rank}"] for rank in (0, 1)}
-        assert ranks == nodes, (stage, ranks, nodes)
+    # The same teacher run was continued from its checkpoint: exactly one finished run.
+    (run,) = stage_runs(mlflow_login, "teacher")
+    assert run.info.status == "FINISHED" and run.info.run_id == interrupted.info.run_id
+    assert TAG_RESUMED in run.data.tags
+    # Its 2 workers ran on the 2 different nodes of the cluster.
+    assert {run.data.tags[f"{TAG_NODE}.{rank}"] for rank in (0, 1)} == cluster.node_ids()
 
     listed = cluster.kdpipe("jobs", "--address", cluster.dashboard).stdout
     assert first_id in listed and "STOPPED" in listed and second_id in listed and "SUCCEEDED" in listed

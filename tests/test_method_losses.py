@@ -259,3 +259,50 @@ def test_dcm_smoothed_kl_matches_formula_and_worked_example():
     q = (softmax(np.array(ZS)) + eps) / (1 + classes * eps)
     assert smoothed_kl(t64(ZT), t64(ZS)).item() == pytest.approx((p * np.log(p / q)).sum(1).mean(), rel=1e-9)
     assert smoothed_kl(t64(ZT), t64(ZS)).item() == pytest.approx(0.225616, abs=1e-6)  # smoothing changes ~nothing
+
+
+def test_dcm_dense_cross_layer_sum_is_all_18_pairs_both_ways():
+    """Section 12 written out: outputs o = [c1, c2, c3 of net 1 (a), c1, c2, c3 of net 2 (b)];
+    L = sum of the six CEs + sum over the 18 ordered pairs (m, r) in different networks of KL_eps(p_r || p_m),
+    p_r detached. The pairs are listed by hand, not generated."""
+    pairs = [  # (m, r): m learns from r
+        ("a1", "b1"), ("a1", "b2"), ("a1", "b3"),
+        ("a2", "b1"), ("a2", "b2"), ("a2", "b3"),
+        ("a3", "b1"), ("a3", "b2"), ("a3", "b3"),
+        ("b1", "a1"), ("b1", "a2"), ("b1", "a3"),
+        ("b2", "a1"), ("b2", "a2"), ("b2", "a3"),
+        ("b3", "a1"), ("b3", "a2"), ("b3", "a3"),
+    ]  # fmt: skip
+    assert len(set(pairs)) == 18
+    rng = np.random.default_rng(12)
+    batch, classes, eps = 4, 5, 1e-8
+    logits = {name: rng.normal(size=(batch, classes)) * 2 for name in ("a1", "a2", "a3", "b1", "b2", "b3")}
+    labels = np.array([0, 3, 4, 1])
+
+    def smoothed(z):
+        return (softmax(z) + eps) / (1 + classes * eps)
+
+    ce = sum(-np.log(softmax(z)[np.arange(batch), labels]).mean() for z in logits.values())
+    kl = sum((smoothed(logits[r]) * np.log(smoothed(logits[r]) / smoothed(logits[m]))).sum(1).mean() for m, r in pairs)
+
+    from pipeline.methods.dcm import DCMParams
+    from pipeline.models import build_model
+
+    method = METHODS["dcm"](build_model("resnet8", classes), [], DCMParams(), model="resnet8", num_classes=classes)
+    outputs = {name: torch.tensor(z, requires_grad=True) for name, z in logits.items()}
+    method.outputs = lambda key, images: [outputs[("a" if key == "student" else "b") + level] for level in "123"]
+    final, losses = method.forward_train(torch.zeros(batch), torch.tensor(labels))
+    assert final is outputs["a3"]  # net 1's own classifier is the stage's output
+    assert losses["ce"].item() == pytest.approx(ce, rel=1e-9)
+    assert losses["kl"].item() == pytest.approx(kl, rel=1e-9)
+    # Each output learns only from its three partners in the other network (targets detached): with s = softmax(o_m)
+    # and w = p_r * s / (s + eps), d KL_eps(p_r || q_m) / d o_m = -(w - s * sum(w)) / B (without the smoothing,
+    # the familiar (s - p_r) / B).
+    losses["kl"].backward()
+    for m, z in logits.items():
+        s = softmax(z)
+        expected = 0
+        for r in (r for mm, r in pairs if mm == m):
+            w = smoothed(logits[r]) * s / (s + eps)
+            expected = expected - (w - s * w.sum(1, keepdims=True)) / batch
+        np.testing.assert_allclose(outputs[m].grad.numpy(), expected, rtol=1e-9, atol=1e-12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from pipeline import artifacts
 from pipeline.models import build_model, load_weights
 from pipeline.runner import run_job
-from pipeline.tracking import Tracker
+from pipeline.tracking import TAG_SETTINGS, Tracker
 from tests.conftest import CHAIN_STEPS_PER_EPOCH, tiny_job, write_job
 
 
@@ -160,3 +161,22 @@ def test_status_table_shows_each_stage(finished_chain, capsys):
     assert main(["status", "no-such-run", "--tracking-uri", tracker.uri]) == 2
     assert main(["run", str(job_file), "--force", "nope"]) == 2
     assert "--force: no stage 'nope'" in capsys.readouterr().err
+
+
+def test_a_setting_changes_its_stage_for_status_and_the_job_run_records_it(finished_chain, capsys):
+    """Issue 17, point 2: `--set` changes a field as an edited job file would. The student's learning rate set
+    to another value: `kdpipe status` shows the student outdated and its teachers not. Settings equal to the
+    file's values change nothing (every stage reused, no training), and the job run records them."""
+    from pipeline.cli import main
+
+    root, _, first = finished_chain
+    job_file = root / "job.yaml"
+    assert main(["status", str(job_file), "--set", "stages.student.optimizer.lr=0.0123"]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
+    assert " outdated " in rows["student"] and " outdated " not in rows["teacher"] + rows["assistant"], rows
+    same = ["--set", "stages.student.epochs=1", "--set", "data.val_size=128"]
+    assert main(["run", str(job_file), *same]) == 0
+    assert capsys.readouterr().out.count(" reused ") == 3
+    tracker = Tracker(f"sqlite:///{root}/mlflow.db")
+    job_run = tracker.latest_job_run(tracker.experiment_id("tests"), "tiny")
+    assert json.loads(job_run.data.tags[TAG_SETTINGS]) == ["stages.student.epochs=1", "data.val_size=128"]

@@ -26,18 +26,12 @@ from pipeline.models import load_weights
 from pipeline.plan import load_plan
 from pipeline.runner import ray_run_name, run_job
 from pipeline.tracking import TAG_RESUMED, Tracker
-from tests.conftest import CHAIN, CHAIN_STEPS_PER_EPOCH, tiny_job, write_job
+from tests.conftest import CHAIN, CHAIN_STEPS_PER_EPOCH, KDPIPE, cluster_env, tiny_job, write_job
 
-KDPIPE = [sys.executable, "-m", "pipeline.cli"]
 CHECKPOINTING = {"every_steps": 2, "every_minutes": 0, "keep": 2}
 SOLO = [{"name": "solo", "model": "resnet8", "epochs": 4, "deepspeed": {"zero_stage": 2}}]
 SOLO_DATA = {"train_size": 256, "val_size": 128}
 SOLO_STEPS = 256 // 2 // 32  # per epoch: train_size / workers / batch_size
-
-
-def cluster_env(ray_local, **extra: str) -> dict[str, str]:
-    """A `kdpipe` subprocess joins the test session's Ray cluster as a driver of its own."""
-    return dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, **extra)
 
 
 def stage_runs(tracker: Tracker, stage: str | None = None) -> list:

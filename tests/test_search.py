@@ -23,10 +23,10 @@ from pipeline.models import load_weights
 from pipeline.plan import load_plan
 from pipeline.runner import run_job
 from pipeline.tracking import TAG_BEST_TRIAL, TAG_PRUNED, TAG_RESUMED, TAG_TRIAL, Tracker
-from tests.conftest import tiny_job, write_job
-from tests.test_resume import KDPIPE, cluster_env, wait_until_workers_exit
+from tests.conftest import KDPIPE, cluster_env, tiny_job, write_job
+from tests.test_resume import wait_until_workers_exit
 
-TRIALS, EPOCHS, STEPS = 4, 2, 256 // 2 // 32  # steps per epoch: train_size / workers / batch_size
+TRIALS, EPOCHS, STEPS = 3, 2, 256 // 2 // 32  # steps per epoch: train_size / workers / batch_size
 PARENT = "mlflow.parentRunId"
 STAGES = [
     {
