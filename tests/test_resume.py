@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -119,52 +118,6 @@ def test_driver_killed_mid_stage_resumes_from_its_mlflow_checkpoint(ray_local, f
     assert {(m.step, int(m.value)) for m in steps} == {(e, (e + 1) * CHAIN_STEPS_PER_EPOCH) for e in range(epochs)}
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint_in_the_same_run(ray_local, tmp_path):
-    """Point 3: SIGKILL a Ray Train worker mid-stage; Ray Train restarts the worker group, which continues from
-    the latest checkpoint (`ray.train.get_checkpoint()`), and the stage finishes in its one MLflow run, where an
-    uninterrupted run of the same stage ends."""
-    reference = tiny_job(tmp_path / "reference", SOLO, **SOLO_DATA)
-    reference["data"]["path"] = str(tmp_path / "data")
-    job = {
-        **reference,
-        "workdir": str(tmp_path / "out"),
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"},
-    }
-    (tmp_path / "reference").mkdir()
-    uninterrupted = run_job(load_plan(write_job(tmp_path / "reference" / "job.yaml", reference)))["solo"]
-    assert uninterrupted.status == "done", uninterrupted.error
-
-    plan = load_plan(write_job(tmp_path / "job.yaml", job))
-    tracker = Tracker(job["tracking"]["uri"])
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(run_job(plan)))
-    thread.start()
-    run_id = wait_for_checkpoint(tracker, "solo")
-    latest = artifacts.stored_checkpoints(tracker, run_id)[-1]
-    train_workers()[0].send_signal(signal.SIGKILL)
-    thread.join(timeout=600)
-
-    assert result["solo"].status == "done", result["solo"].error
-    assert [run.info.run_id for run in stage_runs(tracker, "solo")] == [run_id]
-    # The restarted group took the newest checkpoint it could see: Ray Train's (`get_checkpoint()`), or MLflow's
-    # when Ray Train had not yet registered the dead group's last report.
-    checkpoint, source = tracker.client.get_run(run_id).data.tags[TAG_RESUMED].split(" ", 1)
-    assert checkpoint >= latest and source in ("(Ray Train checkpoint)", "(MLflow artifact)")
-    assert final_metric(tracker, run_id, "global_step") == SOLO[0]["epochs"] * SOLO_STEPS
-    # Stated tolerance: top-1 within 0.01, loss within 1e-4 relative, weights within 1e-4 (CPU, fp32, fixed seed:
-    # the restart replays the same batches from the same model and ZeRO-2 optimizer state; we see equality).
-    reference_tracker = Tracker(reference["tracking"]["uri"])
-    for key, tolerance in (("val/top1", 0.01), ("train/loss", 1e-4 * uninterrupted.metrics["train/loss"])):
-        restarted = final_metric(tracker, run_id, key)
-        assert abs(restarted - final_metric(reference_tracker, uninterrupted.run_id, key)) <= tolerance, key
-    with tracker.downloaded(run_id, artifacts.WEIGHTS) as folder:
-        restarted_weights = load_weights(folder).state_dict()
-    with reference_tracker.downloaded(uninterrupted.run_id, artifacts.WEIGHTS) as folder:
-        reference_weights = load_weights(folder).state_dict()
-    for name, value in restarted_weights.items():
-        torch.testing.assert_close(value, reference_weights[name], rtol=1e-4, atol=1e-4)
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -208,14 +161,24 @@ def stop(server: subprocess.Popen) -> None:
     server.wait(timeout=60)
 
 
-def test_mlflow_server_outage_fails_in_one_line_and_a_rerun_resumes(ray_local, tmp_path):
-    """Point 4 (and 6: a real `mlflow server`): stop the server mid-stage; the stage fails with one line naming
-    the tracking URI, Ray Train's local checkpoint stays, and once the server is back a rerun resumes the run."""
+def test_a_stage_survives_a_killed_worker_and_an_mlflow_outage_and_ends_as_if_uninterrupted(ray_local, tmp_path):
+    """Points 3, 4 and 6 on one run of one ZeRO-2 stage, logging to a real `mlflow server`:
+    - SIGKILL a Ray Train worker after the first checkpoint: Ray Train restarts the worker group, which goes on
+      from the latest checkpoint (`ray.train.get_checkpoint()`) in the same MLflow run;
+    - then stop the server: the stage fails with one line naming the tracking URI, and Ray Train's local
+      checkpoint stays;
+    - start the server again and rerun: the run resumes from that checkpoint (at a later epoch than the restart)
+      and finishes where an uninterrupted run of the same stage ends."""
+    reference = tiny_job(tmp_path / "reference", SOLO, **SOLO_DATA)
+    reference["data"]["path"] = str(tmp_path / "data")
+    (tmp_path / "reference").mkdir()
+    uninterrupted = run_job(load_plan(write_job(tmp_path / "reference" / "job.yaml", reference)))["solo"]
+    assert uninterrupted.status == "done", uninterrupted.error
+
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    job = tiny_job(tmp_path, SOLO, **SOLO_DATA)
-    job["tracking"]["uri"] = uri
-    job["checkpoint"] = {**CHECKPOINTING, "max_restarts": 0}
+    job = {**reference, "workdir": str(tmp_path / "out"), "tracking": {"uri": uri, "experiment": "tests"}}
+    job["checkpoint"] = {**CHECKPOINTING, "max_restarts": 1}  # the worker's death takes it; the outage fails
     path = write_job(tmp_path / "job.yaml", job)
     server = start_mlflow_server(tmp_path, port)
     # The driver hands its MLFLOW_* settings to the workers: fail fast instead of retrying for minutes.
@@ -223,25 +186,50 @@ def test_mlflow_server_outage_fails_in_one_line_and_a_rerun_resumes(ray_local, t
     driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tracker = Tracker(uri)
     run_id = wait_for_checkpoint(tracker, "solo", driver)
+    latest = artifacts.stored_checkpoints(tracker, run_id)[-1]
+    train_workers()[0].send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while TAG_RESUMED not in (tags := tracker.client.get_run(run_id).data.tags):  # the restarted group's rank 0
+        assert time.monotonic() < deadline and driver.poll() is None, "the worker group did not restart"
+        time.sleep(0.3)
+    # The restarted group took the newest checkpoint it could see: Ray Train's (`get_checkpoint()`), or MLflow's
+    # when Ray Train had not yet registered the dead group's last report.
+    checkpoint, source = tags[TAG_RESUMED].split(" ", 1)
+    assert checkpoint >= latest and source in ("(Ray Train checkpoint)", "(MLflow artifact)")
     stored = artifacts.stored_checkpoints(tracker, run_id)
     stop(server)
+
     _, err = driver.communicate(timeout=300)
     assert driver.returncode == 1
     errors = err.decode().strip().splitlines()
     assert errors[-1].startswith("solo: ") and f"MLflow tracking at {uri} failed" in errors[-1], errors[-5:]
     assert "Traceback" not in err.decode()
     print(f"\nthe driver's last line: {errors[-1]}")
-    local = sorted((tmp_path / "out" / "ray").glob("*/checkpoint_*/position.json"))
-    assert local, "Ray Train's checkpoint should stay on disk"
+    assert sorted((tmp_path / "out" / "ray").glob("*/checkpoint_*/position.json")), "Ray Train's checkpoint stays"
 
     server = start_mlflow_server(tmp_path, port)
+    reference_tracker = Tracker(reference["tracking"]["uri"])
     try:
-        outcomes = run_job(load_plan(path))
+        outcome = run_job(load_plan(path))["solo"]
+        assert outcome.status == "done" and outcome.run_id == run_id, outcome.error
         run = tracker.client.get_run(run_id)
+        assert [r.info.run_id for r in stage_runs(tracker, "solo")] == [run_id]  # one run through it all
+        assert run.info.status == "FINISHED"
+        # Resumed from Ray Train's local checkpoint: at least as new as the last one MLflow got before the outage.
+        resumed = run.data.tags[TAG_RESUMED]
+        assert resumed.endswith("(Ray Train checkpoint)") and resumed.split()[0] >= stored[-1]
+        assert final_metric(tracker, run_id, "global_step") == SOLO[0]["epochs"] * SOLO_STEPS
+        # Stated tolerance: top-1 within 0.01, loss within 1e-4 relative, weights within 1e-4 (CPU, fp32, fixed
+        # seed: each restart replays the same batches, augmented alike, from the same model and ZeRO-2 optimizer
+        # state; we see equality).
+        for key, tolerance in (("val/top1", 0.01), ("train/loss", 1e-4 * uninterrupted.metrics["train/loss"])):
+            restarted = final_metric(tracker, run_id, key)
+            assert abs(restarted - final_metric(reference_tracker, uninterrupted.run_id, key)) <= tolerance, key
+        with tracker.downloaded(run_id, artifacts.WEIGHTS) as folder:
+            restarted_weights = load_weights(folder).state_dict()
     finally:
         stop(server)
-    assert outcomes["solo"].status == "done" and outcomes["solo"].run_id == run_id, outcomes["solo"].error
-    assert run.info.status == "FINISHED"
-    # Resumed from Ray Train's local checkpoint: at least as new as the last one MLflow got before the outage.
-    resumed = run.data.tags[TAG_RESUMED]
-    assert resumed.endswith("(Ray Train checkpoint)") and resumed.split()[0] >= stored[-1]
+    with reference_tracker.downloaded(uninterrupted.run_id, artifacts.WEIGHTS) as folder:
+        reference_weights = load_weights(folder).state_dict()
+    for name, value in restarted_weights.items():
+        torch.testing.assert_close(value, reference_weights[name], rtol=1e-4, atol=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import socket
@@ -64,6 +65,27 @@ def test_two_epochs_in_one_process_per_rank(jpeg_shards):
     assert orders[0] != orders[1]  # a new order every epoch
     images, labels = next(readers[0].train_batches(0))
     assert images.dtype == torch.float32 and images.shape == (32, 3, 16, 16) and labels.max() < 8
+
+
+def test_augmenting_without_loader_workers_depends_on_the_epoch_not_on_what_ran_before(jpeg_shards):
+    """Read in the training process, an epoch's random crops and flips come from a stream of their own seeded by
+    (seed, epoch, rank), as in a loader worker: epoch 1 read by a fresh reader (a run resumed at epoch 1) equals
+    epoch 1 read after epoch 0 with the training's own draws between its batches, and those draws are the ones
+    the training would make without any reading."""
+    spec = shard_spec(jpeg_shards, loader_workers=0, augment=True)
+    prepared = prepare_data(spec)
+    resumed = [images for images, _ in itertools.islice(open_data(prepared, spec, 0, 0, 2).train_batches(1), 3)]
+    reader = open_data(prepared, spec, 0, 0, 2)
+    list(itertools.islice(reader.train_batches(0), 3))
+    torch.manual_seed(123)
+    batches, draws = [], []
+    for images, _ in itertools.islice(reader.train_batches(1), 3):
+        batches.append(images)
+        draws.append(torch.rand(4))  # a training step's draws (DGKD's drops, dropout)
+    for images, expected in zip(batches, resumed, strict=True):
+        torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    torch.manual_seed(123)
+    torch.testing.assert_close(torch.stack(draws), torch.stack([torch.rand(4) for _ in draws]), rtol=0, atol=0)
 
 
 def test_a_bad_image_fails_the_epoch_naming_the_shard(jpeg_shards, tmp_path):

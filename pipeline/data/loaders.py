@@ -23,7 +23,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from pipeline.data import NORMALIZATION, PreparedData, uncompressed_fashion_mnist
-from pipeline.data.order import LOADER_CONTEXT, epoch_seed, loader_generator
+from pipeline.data.order import LOADER_CONTEXT, epoch_seed, loader_generator, own_random_stream
 from pipeline.data.shard_reader import ShardData, geometry
 from pipeline.data.shards import decode_image
 from pipeline.spec import DataSpec
@@ -151,6 +151,7 @@ class FolderData:
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch)
+        generator = loader_generator(self.seed, epoch, self.rank)
         loader = DataLoader(
             self.train,
             self.batch_size,
@@ -158,9 +159,10 @@ class FolderData:
             num_workers=self.workers,
             multiprocessing_context=LOADER_CONTEXT if self.workers else None,
             drop_last=True,
-            generator=loader_generator(self.seed, epoch, self.rank),
+            generator=generator,
         )
-        return itertools.islice(loader, start, None)  # as for shards: a resumed epoch replays its first batches
+        batches = loader if self.workers else own_random_stream(loader, generator)
+        return itertools.islice(batches, start, None)  # as for shards: a resumed epoch replays its first batches
 
     def val_batches(self) -> Iterator[Batch]:
         context = LOADER_CONTEXT if self.workers else None

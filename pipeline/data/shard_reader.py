@@ -26,7 +26,7 @@ import webdataset as wds
 from torchvision.transforms import v2
 
 from pipeline.data import NORMALIZATION, PreparedData
-from pipeline.data.order import LOADER_CONTEXT, epoch_seed, loader_generator
+from pipeline.data.order import LOADER_CONTEXT, epoch_seed, loader_generator, own_random_stream
 from pipeline.data.shards import IMAGE_EXTENSIONS, BadImage, decode_image, location_of, read_manifest
 from pipeline.spec import DataSpec
 
@@ -169,9 +169,10 @@ class ShardData:
         stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=not train))
         pipeline = wds.DataPipeline(*stages)
         context = LOADER_CONTEXT if self.workers else None
-        return wds.WebLoader(
+        loader = wds.WebLoader(
             pipeline, batch_size=None, num_workers=self.workers, generator=generator, multiprocessing_context=context
         )
+        return own_random_stream(loader, generator) if generator is not None and not self.workers else loader
 
     def keyed_train_batches(self, epoch: int, start: int = 0) -> Iterator[tuple]:
         """(uint8 images, labels, sample keys, read flags) of this rank's steps `start..` in `epoch`."""
