@@ -40,8 +40,9 @@ def ray_local():
     ray.shutdown()
 
 
-# A teacher -> assistant -> student chain on small synthetic data; the assistant runs ZeRO-2 (its optimizer state
-# is partitioned over the 2 ranks), which makes it the stage whose interruption and resumption matter most.
+# A teacher -> assistant -> student chain on small synthetic data; the assistant and the student run ZeRO-2 (their
+# optimizer state is partitioned over the 2 ranks), which makes them the stages whose interruption and resumption
+# matter most (test_resume interrupts the student: the last stage, so its rerun retrains nothing else).
 CHAIN = [
     {"name": "teacher", "model": "resnet8", "epochs": 3, "optimizer": {"lr": 0.1}},
     {
@@ -52,7 +53,14 @@ CHAIN = [
         "epochs": 3,
         "deepspeed": {"zero_stage": 2},
     },
-    {"name": "student", "model": "resnet8", "teachers": ["assistant"], "method": "kd", "epochs": 1},
+    {
+        "name": "student",
+        "model": "resnet8",
+        "teachers": ["assistant"],
+        "method": "kd",
+        "epochs": 2,
+        "deepspeed": {"zero_stage": 2},
+    },
 ]
 CHAIN_DATA = {"train_size": 512, "val_size": 128}
 CHAIN_STEPS_PER_EPOCH = 512 // 2 // 32  # train_size / workers / batch_size

@@ -174,9 +174,9 @@ def test_a_setting_changes_its_stage_for_status_and_the_job_run_records_it(finis
     assert main(["status", str(job_file), "--set", "stages.student.optimizer.lr=0.0123"]) == 0
     rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("│")}
     assert " outdated " in rows["student"] and " outdated " not in rows["teacher"] + rows["assistant"], rows
-    same = ["--set", "stages.student.epochs=1", "--set", "data.val_size=128"]
+    same = ["--set", "stages.student.epochs=2", "--set", "data.val_size=128"]
     assert main(["run", str(job_file), *same]) == 0
     assert capsys.readouterr().out.count(" reused ") == 3
     tracker = Tracker(f"sqlite:///{root}/mlflow.db")
     job_run = tracker.latest_job_run(tracker.experiment_id("tests"), "tiny")
-    assert json.loads(job_run.data.tags[TAG_SETTINGS]) == ["stages.student.epochs=1", "data.val_size=128"]
+    assert json.loads(job_run.data.tags[TAG_SETTINGS]) == ["stages.student.epochs=2", "data.val_size=128"]

@@ -72,48 +72,49 @@ def final_metric(tracker: Tracker, run_id: str, key: str) -> float:
 
 
 def test_driver_killed_mid_stage_resumes_from_its_mlflow_checkpoint(ray_local, finished_chain, capsys):
-    """Points 2 and 5: change one hyperparameter of stage 2 of the finished chain and run it; SIGKILL the driver
-    during stage 2. The rerun reuses stage 1, continues stage 2 from its last checkpoint artifact in the same
-    MLflow run (the step count goes on from there) and trains stage 3, both in new runs beside the old ones.
-    Issue 16, point 3: the killed driver's lease (a 5 s one here) is stale, `kdpipe status` says `interrupted`,
-    and the rerun takes the run over at once."""
+    """Points 2 and 5: change one hyperparameter of the last stage of the finished chain (ZeRO-2, 2 epochs) and
+    run it; SIGKILL the driver during that stage. The rerun reuses the teacher and the assistant and continues the
+    student from its last checkpoint artifact in the same MLflow run (the step count goes on from there), beside
+    the old student run. Issue 16, point 3: the killed driver's lease (a 5 s one here) is stale, `kdpipe status`
+    says `interrupted`, and the rerun takes the run over at once."""
     root, plan, first = finished_chain
     changed = plan.job.model_dump()
-    changed["stages"][1]["optimizer"]["lr"] = 0.02
+    changed["stages"][2]["optimizer"]["lr"] = 0.02
     changed["checkpoint"] = CHECKPOINTING
     path = write_job(root / "changed.yaml", changed)
     tracker = Tracker(plan.job.tracking.uri)
-    known = {run.info.run_id for run in stage_runs(tracker, "assistant")}
+    known = {run.info.run_id for run in stage_runs(tracker, "student")}
     env = cluster_env(ray_local, KDPIPE_LEASE_SECONDS="5")
     driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=env, stderr=subprocess.DEVNULL)
-    assistant = wait_for_checkpoint(tracker, "assistant", driver, known)
+    student = wait_for_checkpoint(tracker, "student", driver, known)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     wait_until_workers_exit()
-    stored = artifacts.stored_checkpoints(tracker, assistant)
-    epochs = CHAIN[1]["epochs"]
+    stored = artifacts.stored_checkpoints(tracker, student)
+    epochs = CHAIN[2]["epochs"]
     assert 0 < int(stored[-1].split("-")[-1]) < epochs * CHAIN_STEPS_PER_EPOCH
     assert len(stored) <= CHECKPOINTING["keep"]
-    assert tracker.client.get_run(assistant).info.status == "RUNNING"  # nobody lived to close it
+    assert tracker.client.get_run(student).info.status == "RUNNING"  # nobody lived to close it
     capsys.readouterr()
     assert main(["status", str(path)]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if "│ assistant " in line)
-    assert " interrupted " in row and assistant in row, row
+    row = next(line for line in capsys.readouterr().out.splitlines() if "│ student " in line)
+    assert " interrupted " in row and student in row, row
     # Remove Ray Train's storage of the run, as on a new machine: only MLflow's artifact is left to resume from.
-    shutil.rmtree(Path(plan.job.workdir) / "ray" / ray_run_name("tiny", "assistant", assistant))
+    shutil.rmtree(Path(plan.job.workdir) / "ray" / ray_run_name("tiny", "student", student))
 
     outcomes = run_job(load_plan(path))
 
     statuses = {n: o.status for n, o in outcomes.items()}
-    assert statuses == {"teacher": "reused", "assistant": "done", "student": "done"}, outcomes["assistant"].error
-    assert outcomes["teacher"].run_id == first["teacher"].run_id
-    assert outcomes["assistant"].run_id == assistant and outcomes["assistant"].resumed
-    assert outcomes["student"].run_id != first["student"].run_id
-    assert {run.info.run_id for run in stage_runs(tracker, "assistant")} == known | {assistant}  # no extra run
-    run = tracker.client.get_run(assistant)
+    assert statuses == {"teacher": "reused", "assistant": "reused", "student": "done"}, outcomes["student"].error
+    assert {n: outcomes[n].run_id for n in ("teacher", "assistant")} == {
+        n: first[n].run_id for n in ("teacher", "assistant")
+    }
+    assert outcomes["student"].run_id == student and outcomes["student"].resumed
+    assert {run.info.run_id for run in stage_runs(tracker, "student")} == known | {student}  # no extra run
+    run = tracker.client.get_run(student)
     assert run.info.status == "FINISHED"
     assert run.data.tags[TAG_RESUMED] == f"{stored[-1]} (MLflow artifact)"
-    steps = tracker.client.get_metric_history(assistant, "global_step")
+    steps = tracker.client.get_metric_history(student, "global_step")
     # The step count goes on: epoch e ends at step (e + 1) * steps-per-epoch, before and after the kill alike.
     assert {(m.step, int(m.value)) for m in steps} == {(e, (e + 1) * CHAIN_STEPS_PER_EPOCH) for e in range(epochs)}
 
