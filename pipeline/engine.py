@@ -4,7 +4,8 @@ epoch loop that ties them together. No Ray, no MLflow.
 It runs wherever a `torch.distributed` group exists: in every rank of a Ray Train stage, or in one plain process
 (`single_process_group`: world size 1, which needs no collectives). What happens around the loop comes in through
 three small interfaces the caller hands over: a `CheckpointSink` (when and where to save), an `EpochLog` (where
-an epoch's metrics go) and a `Progress` reporter. A speed fix made here holds for every method and every stage,
+an epoch's metrics go) and a `Progress` reporter; and, where teachers answer from the teacher-output cache, the
+`TeacherCaches` to tell each epoch and step. A speed fix made here holds for every method and every stage,
 and is measured in one process by `bench/step.py`.
 """
 
@@ -24,6 +25,7 @@ from torch import nn
 from pipeline.checkpoint import Position
 from pipeline.methods.base import Method
 from pipeline.spec import OptimizerSpec, ScheduleSpec, StageSpec
+from pipeline.teacher_cache import TeacherCaches
 
 if TYPE_CHECKING:
     from pipeline.data.loaders import StageData
@@ -173,16 +175,19 @@ class Engine:
         return metrics
 
     def train_epoch(
-        self, data: StageData, at: Position, sink: CheckpointSink, progress: Progress
+        self, data: StageData, at: Position, sink: CheckpointSink, progress: Progress, teachers: TeacherCaches
     ) -> tuple[Position, dict[str, float]]:
         """The steps of epoch `at.epoch` from step `at.step` on; a mid-epoch checkpoint whenever the sink says one
-        is due. Returns the position at the epoch's end and the epoch's mean training losses."""
+        is due. Returns the position at the epoch's end, the epoch's mean training losses and, with cached
+        teachers, the teacher batches they computed and read (summed over ranks)."""
         epoch, steps = at.epoch, data.steps_per_epoch(at.epoch)
         self.method.set_epoch(epoch)
         self.ds.train()
         sums: dict[str, torch.Tensor | float] = dict(at.sums)  # summed on the device: no sync per step
         global_step = at.global_step
+        teachers.begin_epoch(epoch, steps)
         for step, (images, labels) in enumerate(data.train_batches(epoch, at.step), at.step):
+            teachers.at_step(step)
             self.set_lr(epoch + step / steps)
             losses = self.step(images, labels)
             global_step += 1
@@ -193,17 +198,27 @@ class Engine:
                 position = Position(epoch, step + 1, global_step, {name: float(v) for name, v in sums.items()})
                 sink.save(position, {"global_step": global_step})
         means = {f"train/{name}": float(value) / max(steps, 1) for name, value in sums.items()}
+        counts = teachers.end_epoch()
+        if counts:
+            totals = torch.tensor(list(counts.values()), dtype=torch.float64, device=self.device)
+            means.update(zip(counts, sum_over_ranks(totals).tolist(), strict=True))
         return Position(epoch + 1, 0, global_step), means
 
     def train(
-        self, data: StageData, start: Position, sink: CheckpointSink, log: EpochLog, progress: Progress
+        self,
+        data: StageData,
+        start: Position,
+        sink: CheckpointSink,
+        log: EpochLog,
+        progress: Progress,
+        teachers: TeacherCaches | None = None,
     ) -> Position:
         """Every epoch from `start` to the last: train, evaluate, log, checkpoint at the epoch's end."""
-        position = start
+        position, teachers = start, teachers or TeacherCaches([])
         while position.epoch < self.epochs:
             epoch, started = position.epoch, time.perf_counter()
             first = position.step
-            position, metrics = self.train_epoch(data, position, sink, progress)
+            position, metrics = self.train_epoch(data, position, sink, progress, teachers)
             trained = time.perf_counter() - started
             self.ds.eval()
             metrics.update(self.evaluate_all(data))

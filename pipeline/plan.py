@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline import dag
 from pipeline.errors import UserError
-from pipeline.methods import get_method, parse_params
+from pipeline.methods import METHODS, get_method, parse_params
 from pipeline.models import is_known_model
 from pipeline.spec import DataSpec, JobSpec, StageSpec, describe_error, load_job, short_repr
 
@@ -43,6 +43,7 @@ class PlannedStage:
         `seeds: [0, 1, 2]` is the run of a single-seed job with seed 0."""
         resolved = self.resolved(self.source or self.spec)
         resolved.pop("seeds")
+        resolved.pop("teacher_cache")  # exact: a student learns the same from the cache as from its teachers
         resolved["workers"] = resolved["workers"]["count"]
         return {
             "stage": resolved,
@@ -50,6 +51,12 @@ class PlannedStage:
             "reading": reading_settings(job.data),
             "method_version": self.method_version,
         }
+
+    def caches_teachers(self, job: JobSpec) -> bool:
+        """Whether the stage reads its teachers' outputs from the teacher-output cache: it is on for the stage,
+        and the method uses its teachers through their logits alone."""
+        mode = self.spec.teacher_cache or job.teacher_cache
+        return mode == "auto" and bool(self.spec.teachers) and METHODS[self.spec.method].cacheable(self.params)
 
 
 def reading_settings(data: DataSpec) -> dict:

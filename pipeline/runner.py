@@ -27,6 +27,7 @@ from pipeline.spec import CheckpointSpec, WorkersSpec
 from pipeline.task import StageTask, TeacherRef, run_stage
 from pipeline.tracking import TAG_VALUES, Lease, Tracker, TrackingError, lease_seconds, run_is_live
 
+TEACHER_CACHE = "teacher-cache"  # under the job's workdir: the teacher-output cache (`pipeline.teacher_cache`)
 POLL_SECONDS = 2.0  # how often the driver looks at stages and progress: every poll takes CPU from training
 # Ray Train's controller polls its workers every 2 s by default, so a stage's start and end each wait up to a poll;
 # its preemption watcher (one more actor process per stage) only logs a node's drain notice, which a kdpipe stage
@@ -87,11 +88,16 @@ def ray_run_name(job: str, stage: str, run_id: str) -> str:
     return f"{job}-{stage}-{run_id}"
 
 
-def storage_path(workdir: str) -> str:
-    """Ray Train's storage for the job: WORKDIR/ray, a local folder (absolute: workers run elsewhere) or a URL."""
+def workdir_path(workdir: str, name: str) -> str:
+    """WORKDIR/name: a local folder (absolute: workers run elsewhere) or a URL."""
     if "://" in workdir:
-        return workdir.rstrip("/") + "/ray"
-    return str(Path(workdir).resolve() / "ray")
+        return f"{workdir.rstrip('/')}/{name}"
+    return str(Path(workdir).resolve() / name)
+
+
+def storage_path(workdir: str) -> str:
+    """Ray Train's storage for the job."""
+    return workdir_path(workdir, "ray")
 
 
 def storage_holds(storage: str, name: str) -> bool:
@@ -283,6 +289,7 @@ class JobRunner:
             outcome.run_id,
             stage.seed,
             job.checkpoint,
+            workdir_path(job.workdir, TEACHER_CACHE) if stage.caches_teachers(job) else "",
         )
         outcome.status, outcome.seconds = "running", time.perf_counter()
         if stage.spec.search is None:

@@ -225,6 +225,23 @@ def trials_at_once(search: SearchSpec, workers: WorkersSpec) -> int:
     return max(1, int(fits))
 
 
+def fill_teacher_cache(search: SearchTask) -> None:
+    """Fill the teacher-output cache with every view the trials train on before any of them starts: trials running
+    at once would otherwise each compute the teachers on a cold cache. One Ray task per rank, each with a stage
+    worker's resources, skipped when the cache already holds every view (a restored search, a stage taught
+    before). The stage's run records the teacher batches computed and read."""
+    from pipeline.task import fill_cache
+    from pipeline.teacher_cache import complete
+
+    task, workers = search.stage, search.workers
+    if complete(task.teacher_cache, task.teacher_cache_keys(workers.count), search.epochs, workers.count):
+        return
+    fill = ray.remote(fill_cache).options(num_cpus=workers.cpus, num_gpus=workers.gpus)
+    counts = ray.get([fill.remote(task, rank, workers.count) for rank in range(workers.count)])
+    totals = {f"search/{name}": sum(c[name] for c in counts) for name in counts[0]}
+    Tracker(task.tracking_uri).log_metrics(task.run_id, totals, step=0)
+
+
 def run_search(search: SearchTask, name: str) -> dict[str, Any]:
     """The whole search, new or restored, then its record in the stage's run; returns the chosen values, raises
     if no trial completed."""
@@ -232,6 +249,8 @@ def run_search(search: SearchTask, name: str) -> dict[str, Any]:
     from ray.tune.search.optuna import OptunaSearch
 
     spec = search.spec
+    if search.stage.teacher_cache:
+        fill_teacher_cache(search)
     trainable = tune.with_resources(tune.with_parameters(run_trial, search=search), TRIAL_RESOURCES)
     path = f"{search.storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):

@@ -182,6 +182,7 @@ class SearchSpec(Strict):
 
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 Seeds = Annotated[list[Seed], Field(min_length=1, max_length=100)]
+TeacherCacheMode = Literal["auto", "off"]
 
 
 def distinct(seeds: list[int] | None, field: str) -> None:
@@ -206,6 +207,7 @@ class StageSpec(Strict):
     seeds: Seeds | None = Field(
         None, description="train this stage once per seed (default: the job's seeds); a teacher of one seed teaches all"
     )
+    teacher_cache: TeacherCacheMode | None = Field(None, description="the job's teacher_cache for this stage alone")
 
     @model_validator(mode="after")
     def _consistent(self) -> StageSpec:
@@ -254,6 +256,12 @@ class JobSpec(Strict):
         "kdpipe-out",
         max_length=4096,
         description="where Ray Train keeps checkpoints: a folder all nodes see, or an s3:// or gs:// URL",
+    )
+    teacher_cache: TeacherCacheMode = Field(
+        "auto",
+        description="auto: students that learn from their teachers' logits alone (kd, takd, dgkd, adaptive's st and "
+        "logits paths) read them from a cache under the workdir, filled as the first such student trains; exact "
+        "(fp16 logits of the very views trained on), so it is in no fingerprint. off: the teachers run every step",
     )
     data: DataSpec
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)

@@ -2,8 +2,9 @@
 and a progress reporter.
 
     data (this rank's reader) ─┐
-    teachers (MLflow weights) ─┼─> method -> Engine.train(data, start, sink, log, progress) -> final weights
-    restore (Ray Train/MLflow)─┘
+    teachers (MLflow weights,  ─┼─> method -> Engine.train(data, start, sink, log, progress, caches) -> weights
+      behind their cache)       │
+    restore (Ray Train/MLflow) ─┘
 
 The sink writes each checkpoint once as a folder and hands it both to Ray Train (`ray.train.report`: worker
 restarts) and to the stage's MLflow run (a later `kdpipe run` anywhere); rank 0 logs each epoch's metrics and the
@@ -35,12 +36,13 @@ from pipeline.checkpoint import (
     write_state,
 )
 from pipeline.data.loaders import StageData, open_data
-from pipeline.engine import PRECISIONS, Engine
+from pipeline.engine import PRECISIONS, Engine, to_device
 from pipeline.methods import METHODS
 from pipeline.models import build_model, load_weights, save_weights
 from pipeline.progress import report_progress
 from pipeline.spec import StageSpec
 from pipeline.task import StageTask, TeacherRef
+from pipeline.teacher_cache import CachedTeacher, TeacherCache, TeacherCaches
 from pipeline.tracking import TAG_CHECKPOINT, TAG_NODE, TAG_RESUMED, Tracker
 
 PROBE_SIZE = 16
@@ -147,6 +149,14 @@ def load_teacher(tracker: Tracker, ref: TeacherRef, device: torch.device, dtype:
     return teacher.to(device, dtype).eval().requires_grad_(False)
 
 
+def cached_teachers(task: StageTask, teachers: list[nn.Module], rank: int, world: int) -> list[CachedTeacher]:
+    """The teachers behind the teacher-output cache, when the stage uses one (`task.teacher_cache`); else none."""
+    if not task.teacher_cache:
+        return []
+    keys = task.teacher_cache_keys(world)
+    return [CachedTeacher(t, TeacherCache(task.teacher_cache, k, rank)) for t, k in zip(teachers, keys, strict=True)]
+
+
 @torch.no_grad()
 def log_teacher_probe(tracker: Tracker, task: StageTask, teachers: list[nn.Module], data: StageData, engine) -> None:
     """Record what each loaded teacher outputs on a fixed held-out batch: provenance a user (or a test) can check
@@ -183,14 +193,41 @@ def stage_loop(config: dict) -> None:
     data = open_data(task.data, task.reading, task.seed, rank, world)
     student = build_model(stage.model, data.num_classes)  # first: its initial weights depend on the seed alone
     teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]
+    cached = cached_teachers(task, teachers, rank, world)
     method_cls = METHODS[stage.method]
     setting = {"model": stage.model, "num_classes": data.num_classes, "image_size": task.reading.image_size}
-    method = method_cls(student, teachers, method_cls.Params.model_validate(stage.params), **setting)
+    method = method_cls(student, cached or teachers, method_cls.Params.model_validate(stage.params), **setting)
     engine = Engine(method, stage, task.reading.batch_size, device)
     if rank == 0 and teachers:
         log_teacher_probe(tracker, task, teachers, data, engine)
     sink = StageCheckpoints(task, tracker, engine)
     start = sink.restore()
-    engine.train(data, start, sink, RunLog(tracker, task.run_id, stage, rank), BoardProgress(task.job, stage, rank))
+    log, progress = RunLog(tracker, task.run_id, stage, rank), BoardProgress(task.job, stage, rank)
+    engine.train(data, start, sink, log, progress, TeacherCaches(cached))
     if rank == 0:  # after the loop: a stage resumed from its very last checkpoint still stores its weights
         save_final_weights(tracker, task.run_id, stage, engine, data.num_classes)
+
+
+@torch.inference_mode()
+def fill_teacher_cache(task: StageTask, rank: int, world: int) -> dict[str, float]:
+    """Run rank `rank`'s teachers over every view that rank trains on in all the stage's epochs, filling the
+    teacher-output cache (a plain Ray task, ahead of a search's trials). Returns the teacher batches computed and
+    read."""
+    stage = StageSpec.model_validate(task.config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray shows a task its own GPUs only
+    dtype = PRECISIONS[stage.deepspeed.precision]
+    tracker = Tracker(task.tracking_uri)
+    data = open_data(task.data, task.reading, task.seed, rank, world)
+    teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]
+    caches = TeacherCaches(cached_teachers(task, teachers, rank, world))
+    counts: dict[str, float] = {}
+    for epoch in range(stage.epochs):
+        caches.begin_epoch(epoch, data.steps_per_epoch(epoch))
+        for step, (images, _) in enumerate(data.train_batches(epoch)):
+            caches.at_step(step)
+            inputs = to_device(images, device, dtype)  # exactly as the engine hands them to the method
+            for teacher in caches.teachers:
+                teacher(inputs)
+        for name, value in caches.end_epoch().items():
+            counts[name] = counts.get(name, 0.0) + value
+    return counts

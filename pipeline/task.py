@@ -1,7 +1,7 @@
-"""What the driver hands a stage's workers: plain data that Ray ships to any node, and the function they run.
+"""What the driver hands a stage's workers: plain data that Ray ships to any node, and the functions they run.
 
-The driver only names `run_stage`: Ray pickles it by reference, so the driver never imports the training stack
-(DeepSpeed, torchvision, the readers: seconds of imports) that only the workers need.
+The driver only names `run_stage` and `fill_cache`: Ray pickles them by reference, so the driver never imports the
+training stack (DeepSpeed, torchvision, the readers: seconds of imports) that only the workers need.
 """
 
 from __future__ import annotations
@@ -29,6 +29,26 @@ class StageTask:
     run_id: str
     seed: int
     checkpoint: CheckpointSpec
+    teacher_cache: str = ""  # the teacher-output cache's root folder or URL; empty: the teachers run online
+
+    def teacher_cache_keys(self, world: int) -> list[str]:
+        """Each teacher's key in the teacher-output cache for this stage on `world` ranks; none when it is off."""
+        from pipeline.plan import reading_settings
+        from pipeline.teacher_cache import cache_key
+
+        if not self.teacher_cache:
+            return []
+        reading, precision = reading_settings(self.reading), self.config["deepspeed"]["precision"]
+        return [
+            cache_key(ref.run_id, self.data.identity, reading, self.seed, world, precision) for ref in self.teachers
+        ]
+
+
+def fill_cache(task: StageTask, rank: int, world: int) -> dict[str, float]:
+    """A Ray task: fill the teacher-output cache for one rank's views of the stage (`pipeline.stage`)."""
+    from pipeline.stage import fill_teacher_cache
+
+    return fill_teacher_cache(task, rank, world)
 
 
 def run_stage(config: dict) -> None:

@@ -177,6 +177,13 @@ def tiny_job(root: Path, stages: list[dict], **data) -> dict:
     }
 
 
+def teacher_batches(tracker, run_id: str) -> list[tuple[float, float]]:
+    """Per epoch, the teacher batches a stage's ranks computed and read from the teacher-output cache."""
+    history = tracker.metric_history(run_id, ["teacher_cache/computed", "teacher_cache/read"])
+    pairs = zip(history["teacher_cache/computed"], history["teacher_cache/read"], strict=True)
+    return [(computed, read) for (_, computed), (_, read) in pairs]
+
+
 def write_job(path: Path, job: dict) -> Path:
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path

@@ -95,6 +95,9 @@ SAME = {
     "checkpoint cadence": lambda j: j.update(checkpoint={"every_steps": 5, "every_minutes": 1, "keep": 3}),
     "tracking URI": lambda j: j.update(tracking={"uri": "http://mlflow:5000", "experiment": "kdpipe"}),
     "workdir": lambda j: j.update(workdir="/elsewhere"),
+    # Issue 15: the exact teacher-output cache, off for the job or for one stage, changes no fingerprint.
+    "the teacher cache off": lambda j: j.update(teacher_cache="off"),
+    "the teacher cache off for a stage": lambda j: j["stages"][1].update(teacher_cache="off"),
 }
 
 

@@ -15,7 +15,7 @@ from pipeline import artifacts
 from pipeline.models import build_model, load_weights
 from pipeline.runner import run_job
 from pipeline.tracking import TAG_SETTINGS, Tracker
-from tests.conftest import CHAIN_STEPS_PER_EPOCH, tiny_job, write_job
+from tests.conftest import CHAIN_STEPS_PER_EPOCH, teacher_batches, tiny_job, write_job
 
 
 def test_every_stage_trains_and_learns(finished_chain):
@@ -46,6 +46,20 @@ def test_mlflow_records_parent_and_nested_stage_runs(finished_chain):
         files = {a.path for a in client.list_artifacts(outcome.run_id, "weights")}
         assert files == {"weights/model.safetensors", "weights/model.json"}
     assert stages[stages["tags.kdpipe.stage"] == "student"].iloc[0]["params.params.temperature"] == "4.0"
+
+
+def test_the_first_students_of_a_teacher_fill_its_cache(finished_chain):
+    """Issue 15: the assistant and the student (both KD) each ran their teacher on every step of both ranks, and
+    left one cache file per epoch and rank under the workdir; the teacher (labels) has no cache."""
+    root, plan, outcomes = finished_chain
+    tracker = Tracker(f"sqlite:///{root}/mlflow.db")
+    for name in ("assistant", "student"):
+        epochs = plan.stages[name].spec.epochs
+        assert teacher_batches(tracker, outcomes[name].run_id) == [(2 * CHAIN_STEPS_PER_EPOCH, 0)] * epochs
+    assert "teacher_cache/computed" not in outcomes["teacher"].metrics
+    files = sorted(p.name for p in (root / "out" / "teacher-cache").glob("*/*"))
+    expected = [f"epoch-{e:05d}-rank-{r:04d}.safetensors" for e in range(3) for r in range(2)]
+    assert files == sorted(expected + expected[:4])  # the assistant's 3 epochs and the student's 2
 
 
 def test_student_loaded_its_teachers_trained_weights(finished_chain):
@@ -137,6 +151,9 @@ def test_force_retrains_the_stage_and_downstream_in_new_runs(finished_chain):
         "weights/model.safetensors",
         "weights/model.json",
     }
+    # Issue 15, point 3: the rerun read every teacher batch from the cache the first run left; the teacher never ran.
+    epochs = plan.stages["student"].spec.epochs
+    assert teacher_batches(tracker, outcomes["student"].run_id) == [(0, 2 * CHAIN_STEPS_PER_EPOCH)] * epochs
 
 
 def test_status_table_shows_each_stage(finished_chain, capsys):

@@ -25,7 +25,7 @@ from pipeline.models import load_weights
 from pipeline.plan import load_plan
 from pipeline.runner import ray_run_name, run_job
 from pipeline.tracking import TAG_RESUMED, Tracker
-from tests.conftest import CHAIN, CHAIN_STEPS_PER_EPOCH, KDPIPE, cluster_env, tiny_job, write_job
+from tests.conftest import CHAIN, CHAIN_STEPS_PER_EPOCH, KDPIPE, cluster_env, teacher_batches, tiny_job, write_job
 
 CHECKPOINTING = {"every_steps": 2, "every_minutes": 0, "keep": 2}
 SOLO = [{"name": "solo", "model": "resnet8", "epochs": 4, "deepspeed": {"zero_stage": 2}}]
@@ -117,6 +117,11 @@ def test_driver_killed_mid_stage_resumes_from_its_mlflow_checkpoint(ray_local, f
     steps = tracker.client.get_metric_history(student, "global_step")
     # The step count goes on: epoch e ends at step (e + 1) * steps-per-epoch, before and after the kill alike.
     assert {(m.step, int(m.value)) for m in steps} == {(e, (e + 1) * CHAIN_STEPS_PER_EPOCH) for e in range(epochs)}
+    # Issue 15, point 3: a second student of the assistant (another learning rate), killed and resumed, read its
+    # teacher batches from the cache the chain's student left (the epoch cut short: from where it resumed): the
+    # assistant never ran.
+    batches = teacher_batches(tracker, student)
+    assert batches and all(computed == 0 and read > 0 for computed, read in batches), batches
 
 
 def free_port() -> int:

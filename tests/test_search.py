@@ -4,6 +4,10 @@ DeepSpeed run over gloo, on the session's 2-CPU Ray (one trial fits at a time, `
 One search, interrupted for real: the driver is killed by pid while the second trial trains; the rerun continues
 the search. Then a third run trains nothing. What a changed search retrains: `test_fingerprint`; bad `search:`
 blocks: `test_bad_input`.
+
+The searched stage distils from the finished chain's teacher (reused, in the chain's MLflow and workdir) on another
+seed than the chain's students, so its views are new to the teacher-output cache: issue 15's search fills the
+cache before the trials, and no trial runs the teacher.
 """
 
 from __future__ import annotations
@@ -23,16 +27,29 @@ from pipeline.models import load_weights
 from pipeline.plan import load_plan
 from pipeline.runner import run_job
 from pipeline.tracking import TAG_BEST_TRIAL, TAG_PRUNED, TAG_RESUMED, TAG_TRIAL, Tracker
-from tests.conftest import KDPIPE, cluster_env, tiny_job, write_job
+from tests.conftest import (
+    CHAIN,
+    CHAIN_DATA,
+    CHAIN_STEPS_PER_EPOCH,
+    KDPIPE,
+    cluster_env,
+    teacher_batches,
+    tiny_job,
+    write_job,
+)
 from tests.test_resume import wait_until_workers_exit
 
-TRIALS, EPOCHS, STEPS = 3, 2, 256 // 2 // 32  # steps per epoch: train_size / workers / batch_size
+TRIALS, EPOCHS, STEPS = 3, 2, CHAIN_STEPS_PER_EPOCH
 PARENT = "mlflow.parentRunId"
 STAGES = [
+    CHAIN[0],
     {
-        "name": "student",
+        "name": "searched",
         "model": "resnet8",
+        "teachers": ["teacher"],
+        "method": "kd",
         "epochs": EPOCHS,
+        "seeds": [1],
         "search": {
             "trials": TRIALS,
             # The training loss: on a few synthetic batches top-1 often ties between trials, and ASHA stops no tie.
@@ -44,7 +61,7 @@ STAGES = [
             },
         },
     },
-    {"name": "pupil", "model": "resnet8", "teachers": ["student"], "method": "kd", "epochs": 1},
+    {"name": "pupil", "model": "resnet8", "teachers": ["searched"], "method": "kd", "epochs": 1},
 ]
 
 
@@ -75,13 +92,14 @@ def live_placement_groups() -> list:
     return [group for group in list_placement_groups(detail=True) if group.state != "REMOVED"]
 
 
-def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream(ray_local, tmp_path, capsys):
+def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream(ray_local, finished_chain, capsys):
     """Points 1-4: ASHA prunes, trials nest under the stage run under the job run, the pupil learns from the best
     trial's weights, no placement group is left, a killed driver's search continues (finished trials kept, the
     interrupted one resumed in its own run, exactly `trials` runs), and a rerun trains nothing."""
-    job = tiny_job(tmp_path, STAGES, train_size=256, val_size=64)
-    job["checkpoint"] = {"every_steps": 2, "every_minutes": 0}
-    path = write_job(tmp_path / "job.yaml", job)
+    root = finished_chain[0]
+    job = tiny_job(root, STAGES, **CHAIN_DATA)
+    job.update(name="search", checkpoint={"every_steps": 4, "every_minutes": 0})
+    path = write_job(root / "search.yaml", job)
     tracker = Tracker(job["tracking"]["uri"])
     driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=cluster_env(ray_local), stderr=subprocess.DEVNULL)
     wait_for_second_trial(tracker, driver)
@@ -94,9 +112,9 @@ def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream
 
     outcomes = run_job(load_plan(path))
 
-    assert {n: o.status for n, o in outcomes.items()} == {"student": "done", "pupil": "done"}
-    student = outcomes["student"]
-    assert student.resumed and student.run_id == first.data.tags[PARENT]
+    assert {n: o.status for n, o in outcomes.items()} == {"teacher": "reused", "searched": "done", "pupil": "done"}
+    searched = outcomes["searched"]
+    assert searched.resumed and searched.run_id == first.data.tags[PARENT]
     runs = trial_runs(tracker)
     assert len(runs) == TRIALS and len({run.data.tags[TAG_TRIAL] for run in runs}) == TRIALS
     ids = [run.info.run_id for run in runs]
@@ -110,9 +128,9 @@ def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream
     steps = {(m.step, int(m.value)) for m in tracker.client.get_metric_history(ids[1], "global_step")}
     assert steps == {(epoch, (epoch + 1) * STEPS) for epoch in range(max(step for step, _ in steps) + 1)}
     # Nesting: job run > stage run > trial runs.
-    stage_run = tracker.client.get_run(student.run_id)
+    stage_run = tracker.client.get_run(searched.run_id)
     assert tracker.client.get_run(stage_run.data.tags[PARENT]).data.tags["kdpipe.kind"] == "job"
-    assert all(run.data.tags[PARENT] == student.run_id for run in runs)
+    assert all(run.data.tags[PARENT] == searched.run_id for run in runs)
     # ASHA stopped at least one trial after its first epoch: KILLED, tagged, one epoch of metrics.
     pruned = [run for run in runs if run.info.status == "KILLED"]
     assert pruned and all(TAG_PRUNED in run.data.tags for run in pruned)
@@ -124,16 +142,23 @@ def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream
     # The best of the recorded trials is the stage's result.
     best = min(finished, key=lambda run: run.data.metrics["train/loss"])
     assert stage_run.data.tags[TAG_BEST_TRIAL] == best.info.run_id
-    chosen = json.loads(Path(tracker.client.download_artifacts(student.run_id, artifacts.SEARCH_BEST)).read_text())
+    chosen = json.loads(Path(tracker.client.download_artifacts(searched.run_id, artifacts.SEARCH_BEST)).read_text())
     assert chosen["values"] == json.loads(best.data.tags["kdpipe.trial.values"])
     assert stage_run.data.metrics["train/loss"] == best.data.metrics["train/loss"]
-    plots = {a.path for a in tracker.client.list_artifacts(student.run_id, artifacts.PLOTS)}
+    plots = {a.path for a in tracker.client.list_artifacts(searched.run_id, artifacts.PLOTS)}
     assert plots == {"plots/search_epochs.png", "plots/search_values.png"}
     # The pupil learned from the best trial's weights.
     probe = load_file(tracker.client.download_artifacts(outcomes["pupil"].run_id, "teachers/probe.safetensors"))
     with tracker.downloaded(best.info.run_id, artifacts.WEIGHTS) as folder, torch.no_grad():
         expected = load_weights(folder).eval()(probe["images"])
-    torch.testing.assert_close(probe["student"], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(probe["searched"], expected, rtol=1e-4, atol=1e-4)
+    # Issue 15, point 3: before the trials, the search ran the teacher over all their views once (the killed run);
+    # the rerun's restored search found them all cached and filled nothing; no trial ran the teacher.
+    before = tracker.metric_history(searched.run_id, ["search/teacher_cache/computed", "search/teacher_cache/read"])
+    assert before == {"search/teacher_cache/computed": [(0, 2 * STEPS * EPOCHS)], "search/teacher_cache/read": [(0, 0)]}
+    for run in runs:
+        batches = teacher_batches(tracker, run.info.run_id)
+        assert batches and all(computed == 0 and read > 0 for computed, read in batches), batches
     # Point 2: nothing of the search holds the cluster afterwards.
     deadline = time.monotonic() + 30
     while live_placement_groups() and time.monotonic() < deadline:
@@ -143,9 +168,9 @@ def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream
     again = run_job(load_plan(path))
 
     assert {o.status for o in again.values()} == {"reused"}
-    assert again["student"].run_id == student.run_id and again["student"].chosen == student.chosen
+    assert again["searched"].run_id == searched.run_id and again["searched"].chosen == searched.chosen
     assert [run.info.run_id for run in trial_runs(tracker)] == ids
     capsys.readouterr()
     assert main(["status", str(path)]) == 0
     table = capsys.readouterr().out
-    assert table.count("└ student trial") == TRIALS and f"{TRIALS}/{TRIALS} trials" in table and " pruned " in table
+    assert table.count("└ searched trial") == TRIALS and f"{TRIALS}/{TRIALS} trials" in table and " pruned " in table

@@ -87,6 +87,10 @@ class Adaptive(Method):
             return f"paths: each path once, got {params.paths}"
         return None
 
+    @classmethod
+    def cacheable(cls, params: AdaptiveParams) -> bool:
+        return not set(params.paths) & set(FEATURE_PATHS)  # feature paths tap the teacher, which then runs anyway
+
     def __init__(self, student, teachers, params: AdaptiveParams, **setting):
         super().__init__(student, teachers, params, **setting)
         self.pairs: list[tuple[str, str]] = []

@@ -41,6 +41,9 @@ class Method(nn.Module):
     Params: ClassVar[type[BaseModel]] = Params
     min_teachers: ClassVar[int] = 0
     max_teachers: ClassVar[int | None] = None
+    # Whether the method uses its teachers only by calling them on the training images for their logits: the
+    # teacher-output cache can then answer for them (a method that taps a teacher's features cannot use it).
+    logits_only: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -66,6 +69,11 @@ class Method(nn.Module):
     def check(cls, params: BaseModel, teachers: int) -> str | None:
         """A problem with these params for this many teachers, as 'field: what was expected', or None."""
         return None
+
+    @classmethod
+    def cacheable(cls, params: BaseModel) -> bool:
+        """Whether, with these params, the teacher-output cache can answer for the method's teachers."""
+        return cls.logits_only
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         if self.training:

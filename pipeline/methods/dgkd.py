@@ -52,6 +52,7 @@ class DGKD(Method):
     paper = "Son et al., ICCV 2021, arXiv 2009.08825"
     Params = DGKDParams
     min_teachers = 1
+    logits_only = True
 
     @classmethod
     def check(cls, params: DGKDParams, teachers: int) -> str | None:

@@ -36,6 +36,7 @@ class KD(Method):
     paper = "Hinton, Vinyals & Dean 2015, arXiv 1503.02531"
     Params = KDParams
     min_teachers = 1
+    logits_only = True
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
         p = self.params

@@ -37,6 +37,7 @@ class TAKD(Method):
     paper = "Mirzadeh et al., AAAI 2020, arXiv 1902.03393"
     Params = TAKDParams
     min_teachers = max_teachers = 1
+    logits_only = True
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
         p = self.params

@@ -1,0 +1,268 @@
+"""The teacher-output cache: a teacher's logits on exactly the views a student trains on, computed once and read by
+every later student, rerun and search trial of the same teacher.
+
+Why it is exact: kdpipe's readers make each training batch a function of (seed, epoch, rank, step), given the
+data's content, the reading settings and the number of ranks (`pipeline.data.order`). A teacher's logits on that
+batch are then a function of the same, of its weights (its stage run) and of the precision it runs in. Those make
+the cache's key (`cache_key`): a folder of one file per (epoch, rank), holding each step's logits in fp16
+(`[steps, batch, classes]`), a signature of each step's images and which steps are filled. A step the file lacks,
+or whose images do not match its signature (a reader that changed under the same key), is never served: the
+teacher runs, and the step is filled. Cold or warm, a student gets the fp16-rounded logits, so a cold and a warm
+cache train identically and the online teacher differs by fp16 rounding only.
+
+Files are written whole under a temporary name and then renamed, so a stage killed while writing leaves no
+half-written file under a cache name; a file that still does not read, or whose checksum, key or shape does not
+match, is named in one line and rebuilt. Two stages filling the same file at once merge what is on storage with
+their own steps before writing; at worst one's steps are lost and computed again later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import uuid
+from dataclasses import dataclass, field
+
+import pyarrow.fs
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+from torch import nn
+
+FORMAT = 1  # raised whenever what a file holds or how a key is made changes: old files are then never read
+STORED = torch.float16
+COMPLETE = "complete"  # in a file's metadata: "True" when every step of its epoch is filled
+
+
+def cache_key(teacher_run: str, data_identity: str, reading: dict, seed: int, world: int, precision: str) -> str:
+    """What decides a teacher's output on each (epoch, rank, step): its weights, the precision it runs in, and
+    everything that decides the views (the data, how it is read, the seed, the ranks)."""
+    facts = {
+        "format": FORMAT,
+        "teacher_run": teacher_run,
+        "data": data_identity,
+        "reading": reading,
+        "seed": seed,
+        "world": world,
+        "precision": precision,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def view_signature(images: torch.Tensor) -> torch.Tensor:
+    """Two numbers per image that tell views apart: the sum of its pixels, and their sum weighted by position
+    (a flip or a shifted crop changes it). Float32, on the CPU."""
+    height, width = images.shape[-2:]
+    rows = torch.arange(1, height + 1, device=images.device, dtype=torch.float32)[:, None] / height
+    cols = torch.arange(1, width + 1, device=images.device, dtype=torch.float32)[None, :] / width
+    pixels = images.float()
+    return torch.stack([pixels.sum((1, 2, 3)), (pixels * (rows + 2 * cols)).sum((1, 2, 3))], 1).cpu()
+
+
+def same_views(stored: torch.Tensor, found: torch.Tensor) -> bool:
+    """Signatures equal up to float rounding (the same images summed on another device or by another kernel)."""
+    return bool(torch.allclose(stored, found, rtol=1e-4, atol=1e-2))
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def key_folder(folder: str, key: str) -> str:
+    return f"{folder.rstrip('/')}/{key}"
+
+
+def epoch_file(folder: str, epoch: int, rank: int) -> str:
+    return f"{folder}/epoch-{epoch:05d}-rank-{rank:04d}.safetensors"
+
+
+@dataclass
+class EpochEntries:
+    """One (epoch, rank)'s steps as held in memory: rows are allocated when the first step is filled."""
+
+    steps: int
+    logits: torch.Tensor | None = None  # [steps, batch, classes], STORED
+    signatures: torch.Tensor | None = None  # [steps, batch, 2]
+    filled: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    added: int = 0  # steps filled since it was read
+
+    def __post_init__(self) -> None:
+        if len(self.filled) != self.steps:
+            self.filled = torch.zeros(self.steps, dtype=torch.bool)
+
+    def put(self, step: int, signature: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.logits is None:
+            self.logits = torch.zeros(self.steps, *logits.shape, dtype=STORED)
+            self.signatures = torch.zeros(self.steps, *signature.shape)
+        self.logits[step], self.signatures[step], self.filled[step] = logits, signature, True
+        self.added += 1
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"logits": self.logits, "signatures": self.signatures, "filled": self.filled.to(torch.uint8)}
+
+
+class TeacherCache:
+    """One teacher's cache as one rank reads and fills it: the file of the epoch in hand, whole in memory."""
+
+    def __init__(self, root: str, key: str, rank: int):
+        self.filesystem, folder = pyarrow.fs.FileSystem.from_uri(root)
+        self.folder, self.key, self.rank = key_folder(folder, key), key, rank
+        self.epoch, self.entries = -1, EpochEntries(0)
+        self.mismatched: list[int] = []  # filled steps of this epoch whose images differ from the cached views
+
+    def path(self, epoch: int) -> str:
+        return epoch_file(self.folder, epoch, self.rank)
+
+    def begin(self, epoch: int, steps: int) -> None:
+        self.epoch, self.entries, self.mismatched = epoch, self.read(epoch, steps), []
+
+    def lookup(self, step: int, signature: torch.Tensor) -> torch.Tensor | None:
+        """The stored logits of `step` if it is filled with these very views; else None."""
+        entries = self.entries
+        if entries.logits is None or not entries.filled[step]:
+            return None
+        if not same_views(entries.signatures[step], signature):
+            self.mismatched.append(step)
+            return None
+        return entries.logits[step]
+
+    def put(self, step: int, signature: torch.Tensor, logits: torch.Tensor) -> None:
+        self.entries.put(step, signature, logits.detach().to("cpu", STORED))
+
+    def end(self) -> None:
+        """Store the epoch's file if this run filled steps it lacked, merged with what storage holds by now."""
+        entries = self.entries
+        if self.mismatched:
+            print(
+                f"teacher cache: {self.path(self.epoch)}: the images of {len(self.mismatched)} step(s) (first: "
+                f"{self.mismatched[0]}) differ from the cached views; the teacher ran for them",
+                file=sys.stderr,
+                flush=True,
+            )
+        if not entries.added:
+            return
+        stored = self.read(self.epoch, entries.steps, quiet=True)
+        for step in torch.nonzero(stored.filled & ~entries.filled).flatten().tolist():  # steps another stage filled
+            entries.put(step, stored.signatures[step], stored.logits[step])
+        tensors = entries.tensors()
+        metadata = {"key": self.key, "epoch": str(self.epoch), "rank": str(self.rank), "checksum": checksum(tensors)}
+        metadata[COMPLETE] = str(bool(entries.filled.all()))
+        self.filesystem.create_dir(self.folder, recursive=True)
+        temporary = f"{self.path(self.epoch)}.{uuid.uuid4().hex}.partial"
+        with self.filesystem.open_output_stream(temporary) as stream:
+            stream.write(save(tensors, metadata))
+        self.filesystem.move(temporary, self.path(self.epoch))
+
+    def read(self, epoch: int, steps: int, quiet: bool = False) -> EpochEntries:
+        """The stored file of `epoch` if it is whole and matches; nothing (after one line naming it) if not."""
+        path = self.path(epoch)
+        if self.filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return EpochEntries(steps)
+        try:
+            with self.filesystem.open_input_file(path) as stream:
+                tensors, metadata = load_file_with_metadata(stream.readall())
+            problem = self.mismatch(tensors, metadata, epoch, steps)
+        except (SafetensorError, OSError, ValueError) as err:
+            problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        if problem:
+            if not quiet:
+                print(f"teacher cache: {path}: {problem}; rebuilding it", file=sys.stderr, flush=True)
+            return EpochEntries(steps)
+        return EpochEntries(steps, tensors["logits"], tensors["signatures"], tensors["filled"].bool())
+
+    def mismatch(self, tensors: dict, metadata: dict, epoch: int, steps: int) -> str:
+        expected = {"key": self.key, "epoch": str(epoch), "rank": str(self.rank)}
+        found = {name: metadata.get(name) for name in expected}
+        if found != expected:
+            return f"written for {found}, not {expected}"
+        if set(tensors) != {"logits", "signatures", "filled"} or any(len(t) != steps for t in tensors.values()):
+            return f"expected {steps} steps of logits, signatures and filled flags"
+        if checksum(tensors) != metadata.get("checksum"):
+            return "checksum mismatch (corrupt)"
+        return ""
+
+
+def complete(root: str, keys: list[str], epochs: int, world: int) -> bool:
+    """Whether the cache holds every step of every epoch and rank under each key, by the files' headers alone (the
+    driver's cheap look before a search; a file that lied would be caught by its checksum when read, and rebuilt)."""
+    filesystem, folder = pyarrow.fs.FileSystem.from_uri(root)
+    paths = [epoch_file(key_folder(folder, k), e, r) for k in keys for e in range(epochs) for r in range(world)]
+    for path, info in zip(paths, filesystem.get_file_info(paths), strict=True):
+        if info.type != pyarrow.fs.FileType.File:
+            return False
+        with filesystem.open_input_file(path) as stream:
+            length = int.from_bytes(stream.read(8), "little")
+            try:
+                metadata = json.loads(stream.read(min(length, 1 << 20))).get("__metadata__") or {}
+            except ValueError:
+                return False
+        if metadata.get(COMPLETE) != "True":
+            return False
+    return True
+
+
+def load_file_with_metadata(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and its metadata (the header's `__metadata__`)."""
+    length = int.from_bytes(data[:8], "little")
+    if not 8 <= 8 + length <= len(data):
+        raise ValueError(f"header of {length} bytes in a file of {len(data)}")
+    header = json.loads(data[8 : 8 + length])
+    return load(data), header.get("__metadata__") or {}
+
+
+class CachedTeacher(nn.Module):
+    """A frozen teacher that answers from its cache where the cache holds the current step's views, and runs
+    (filling the cache) where it does not. The stage sets `step` before each training step; evaluation and
+    anything outside a training epoch (`step` None) run the teacher."""
+
+    def __init__(self, teacher: nn.Module, cache: TeacherCache):
+        super().__init__()
+        self.teacher, self.cache = teacher, cache
+        self.step: int | None = None
+        self.computed = self.read = 0  # training batches this epoch: teacher runs and cache reads
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.step is None:
+            return self.teacher(images)
+        signature = view_signature(images)
+        stored = self.cache.lookup(self.step, signature)
+        if stored is not None:
+            self.read += 1
+            return stored.to(images.device, images.dtype, non_blocking=True)
+        logits = self.teacher(images)
+        self.computed += 1
+        self.cache.put(self.step, signature, logits)
+        return logits.to(STORED).to(logits.dtype)  # what a warm cache will serve: cold and warm train alike
+
+
+class TeacherCaches:
+    """The engine's view of a stage's cached teachers: told each epoch and step, it points every teacher at it."""
+
+    def __init__(self, teachers: list[CachedTeacher]):
+        self.teachers = teachers
+
+    def begin_epoch(self, epoch: int, steps: int) -> None:
+        for teacher in self.teachers:
+            teacher.cache.begin(epoch, steps)
+            teacher.computed = teacher.read = 0
+
+    def at_step(self, step: int) -> None:
+        for teacher in self.teachers:
+            teacher.step = step
+
+    def end_epoch(self) -> dict[str, float]:
+        """Store what the epoch filled; the epoch's counts of teacher batches computed and read from the cache."""
+        if not self.teachers:
+            return {}
+        for teacher in self.teachers:
+            teacher.step = None
+            teacher.cache.end()
+        return {
+            "teacher_cache/computed": float(sum(t.computed for t in self.teachers)),
+            "teacher_cache/read": float(sum(t.read for t in self.teachers)),
+        }

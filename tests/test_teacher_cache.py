@@ -1,0 +1,154 @@
+"""Issue 15: the teacher-output cache in one process (the engine in a gloo group of one, real files on disk).
+
+A KD student trained three times on the same batches and seed: with the online teacher, with a cold cache and with
+the warm cache it left. The cached runs train identically to each other and, up to fp16 rounding of the teacher's
+logits, like the online run; the warm run never calls the teacher. Then what must never be served: steps whose
+images differ from the cached views, and half-written, corrupt or foreign files (each named in one line and
+rebuilt). What a stage, a rerun and a search do with the cache through Ray: test_pipeline and test_search.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline.checkpoint import Position
+from pipeline.engine import Engine, evaluate
+from pipeline.methods import METHODS
+from pipeline.models import build_model
+from pipeline.spec import StageSpec
+from pipeline.teacher_cache import CachedTeacher, TeacherCache, TeacherCaches, cache_key
+from tests.test_engine import BATCH, CLASSES, Blobs, Recorder, make_engine, train
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def teacher(process_group) -> torch.nn.Module:
+    """A resnet8 trained from labels for 2 epochs on the blobs: a teacher worth distilling from."""
+    engine = make_engine(epochs=2)
+    train(engine, Blobs(), Recorder())
+    return engine.method.student.eval().requires_grad_(False)
+
+
+class Counted(torch.nn.Module):
+    """A teacher that counts its forward calls."""
+
+    def __init__(self, teacher: torch.nn.Module):
+        super().__init__()
+        self.teacher, self.calls = copy.deepcopy(teacher), 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.teacher(images)
+
+
+def distil(teacher: torch.nn.Module, data: Blobs, root=None, key: str = "key") -> tuple[Recorder, float, Counted]:
+    """A KD student (resnet8, seed 0) trained for EPOCHS on `data`: online, or through the cache at `root`.
+    Returns what the engine reported, the student's final top-1 and the teacher with its calls counted during
+    training."""
+    counted = Counted(teacher)
+    teachers: list[torch.nn.Module] = [counted]
+    caches = None
+    if root is not None:
+        teachers = [CachedTeacher(counted, TeacherCache(str(root), key, rank=0))]
+        caches = TeacherCaches(teachers)
+    torch.manual_seed(0)
+    spec = StageSpec(name="s", model="resnet8", method="kd", teachers=["t"], epochs=EPOCHS, optimizer={"lr": 0.1})
+    method = METHODS["kd"](build_model("resnet8", CLASSES), teachers, METHODS["kd"].Params(), num_classes=CLASSES)
+    engine, recorder = Engine(method, spec, BATCH, torch.device("cpu")), Recorder()
+    recorder.engine = engine
+    engine.train(data, Position(0, 0, 0), recorder, recorder, recorder, **({"teachers": caches} if caches else {}))
+    top1 = evaluate(engine.method.student, data.val_batches(), engine.device, engine.dtype, CLASSES)["val/top1"]
+    return recorder, top1, counted
+
+
+def cache_counts(recorder: Recorder) -> list[tuple[float, float]]:
+    return [(m["teacher_cache/computed"], m["teacher_cache/read"]) for m in recorder.epochs]
+
+
+def test_a_warm_cache_trains_like_the_online_teacher_without_calling_it(teacher, tmp_path):
+    """Points 1 and 3: same losses per step within fp16 rounding, same top-1, and no teacher forward when warm."""
+    data, steps = Blobs(), Blobs().steps_per_epoch(0)
+    online, online_top1, online_teacher = distil(teacher, data)
+    cold, cold_top1, cold_teacher = distil(teacher, data, tmp_path)
+    warm, warm_top1, warm_teacher = distil(teacher, data, tmp_path)
+
+    assert online_teacher.calls == cold_teacher.calls == EPOCHS * steps
+    assert warm_teacher.calls == 0
+    assert cache_counts(cold) == [(steps, 0)] * EPOCHS and cache_counts(warm) == [(0, steps)] * EPOCHS
+    assert sorted(p.name for p in (tmp_path / "key").iterdir()) == [
+        "epoch-00000-rank-0000.safetensors",
+        "epoch-00001-rank-0000.safetensors",
+    ]
+    assert warm.losses == cold.losses and warm_top1 == cold_top1  # cold and warm serve the same fp16 logits
+    assert warm.losses == pytest.approx(online.losses, rel=1e-3)  # fp16 rounding of the logits (2^-11), and its echo
+    assert online.losses != warm.losses  # the cache's values really are rounded: the comparison is not vacuous
+    assert abs(warm_top1 - online_top1) <= 0.005
+
+
+def test_steps_whose_images_differ_from_the_cached_views_run_the_teacher(teacher, tmp_path, capsys):
+    """A cache filled on one order of the samples, read under the same key by a reader that deals them in another
+    order (what a reader changed without a change of key would do): no step is served from the cache; the student
+    trains as with the online teacher on that order, and the steps are filled with the new views."""
+    distil(teacher, Blobs(), tmp_path)
+    shuffled = Blobs(seed=0)
+    shuffled.train_batches = lambda epoch, start=0: Blobs.train_batches(shuffled, epoch + 7, start)
+    steps = shuffled.steps_per_epoch(0)
+    capsys.readouterr()
+    changed, _, changed_teacher = distil(teacher, shuffled, tmp_path)
+    online, _, _ = distil(teacher, shuffled)
+    assert changed_teacher.calls == EPOCHS * steps and cache_counts(changed) == [(steps, 0)] * EPOCHS
+    assert changed.losses == pytest.approx(online.losses, rel=1e-3)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == EPOCHS and all("differ from the cached views" in line for line in lines), lines
+    again, _, again_teacher = distil(teacher, shuffled, tmp_path)
+    assert again_teacher.calls == 0 and again.losses == changed.losses
+
+
+def test_half_written_corrupt_and_foreign_files_are_named_and_rebuilt(teacher, tmp_path, capsys):
+    """Point 4: epoch 0's file cut short (as a killed writer on storage without atomic renames would leave it),
+    epoch 1's with bytes flipped inside its logits, and a file of another key copied over the first: each is named
+    in one line, none is trained on, and each is rebuilt (a third run reads every step)."""
+    data, steps = Blobs(), Blobs().steps_per_epoch(0)
+    reference, _, _ = distil(teacher, data, tmp_path)
+    first, second = (tmp_path / "key" / f"epoch-{e:05d}-rank-0000.safetensors" for e in range(2))
+    first.write_bytes(first.read_bytes()[:-1000])
+    raw = bytearray(second.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 8] = b"\xff" * 8
+    second.write_bytes(bytes(raw))
+    capsys.readouterr()
+    rebuilt, _, rebuilt_teacher = distil(teacher, data, tmp_path)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert str(first) in lines[0] and "unreadable" in lines[0] and "rebuilding it" in lines[0]
+    assert str(second) in lines[1] and "checksum mismatch" in lines[1]
+    assert rebuilt_teacher.calls == EPOCHS * steps and rebuilt.losses == reference.losses
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / first.name).write_bytes(first.read_bytes())
+    foreign, _, foreign_teacher = distil(teacher, data, tmp_path, key="other")
+    line = capsys.readouterr().err.strip()
+    assert "written for {'key': 'key'" in line and str(tmp_path / "other" / first.name) in line
+    assert cache_counts(foreign)[0] == (steps, 0)
+
+    warm, _, warm_teacher = distil(teacher, data, tmp_path)
+    assert warm_teacher.calls == 0 and warm.losses == reference.losses and not capsys.readouterr().err
+
+
+def test_the_key_changes_with_every_fact_that_decides_the_outputs():
+    facts = [  # (name, value, another value)
+        ("teacher_run", "run-a", "run-b"),
+        ("data_identity", "data-a", "data-b"),
+        ("reading", {"batch_size": 64, "augment": True}, {"batch_size": 32, "augment": True}),
+        ("seed", 0, 1),
+        ("world", 2, 1),
+        ("precision", "fp32", "bf16"),
+    ]
+    base = {name: value for name, value, _ in facts}
+    key = cache_key(**base)
+    assert key == cache_key(**dict(base))
+    for name, _, other in facts:
+        assert cache_key(**{**base, name: other}) != key, name
