@@ -14,7 +14,16 @@ from pipeline import dag
 from pipeline.errors import UserError
 from pipeline.methods import METHODS, get_method, parse_params
 from pipeline.models import is_known_model
-from pipeline.spec import DataSpec, JobSpec, StageSpec, describe_error, load_job, short_repr
+from pipeline.spec import (
+    DataSpec,
+    JobSpec,
+    StageSpec,
+    TeacherCacheMode,
+    TopKCache,
+    describe_error,
+    load_job,
+    short_repr,
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,10 @@ class PlannedStage:
         `seeds: [0, 1, 2]` is the run of a single-seed job with seed 0."""
         resolved = self.resolved(self.source or self.spec)
         resolved.pop("seeds")
-        resolved.pop("teacher_cache")  # exact: a student learns the same from the cache as from its teachers
+        resolved.pop("teacher_cache")  # the exact cache: a student learns the same from it as from its teachers
+        cache = self.teacher_cache(job)
+        if isinstance(cache, TopKCache):  # approximate: a student learns something else
+            resolved["teacher_cache"] = cache.model_dump()
         resolved["workers"] = resolved["workers"]["count"]
         return {
             "stage": resolved,
@@ -52,11 +64,11 @@ class PlannedStage:
             "method_version": self.method_version,
         }
 
-    def caches_teachers(self, job: JobSpec) -> bool:
-        """Whether the stage reads its teachers' outputs from the teacher-output cache: it is on for the stage,
-        and the method uses its teachers through their logits alone."""
-        mode = self.spec.teacher_cache or job.teacher_cache
-        return mode == "auto" and bool(self.spec.teachers) and METHODS[self.spec.method].cacheable(self.params)
+    def teacher_cache(self, job: JobSpec) -> TeacherCacheMode:
+        """How the stage's teachers' outputs are cached: its own setting, else the job's; off where the method
+        uses more of its teachers than their logits."""
+        cacheable = bool(self.spec.teachers) and METHODS[self.spec.method].cacheable(self.params)
+        return (self.spec.teacher_cache or job.teacher_cache) if cacheable else "off"
 
 
 def reading_settings(data: DataSpec) -> dict:

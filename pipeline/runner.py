@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline import artifacts
 from pipeline.data import prepare_data, steps_per_epoch
 from pipeline.plan import Plan
-from pipeline.spec import CheckpointSpec, WorkersSpec
+from pipeline.spec import CheckpointSpec, TeacherCacheMode, TopKCache, WorkersSpec
 from pipeline.task import StageTask, TeacherRef, run_stage
 from pipeline.tracking import TAG_VALUES, Lease, Tracker, TrackingError, lease_seconds, run_is_live
 
@@ -93,6 +93,13 @@ def workdir_path(workdir: str, name: str) -> str:
     if "://" in workdir:
         return f"{workdir.rstrip('/')}/{name}"
     return str(Path(workdir).resolve() / name)
+
+
+def teacher_cache_settings(mode: TeacherCacheMode, workdir: str) -> tuple[str, int]:
+    """A stage task's teacher-output cache: its root ("" when off) and how many logits it keeps (0: all)."""
+    if mode == "off":
+        return "", 0
+    return workdir_path(workdir, TEACHER_CACHE), mode.top_k if isinstance(mode, TopKCache) else 0
 
 
 def storage_path(workdir: str) -> str:
@@ -289,7 +296,7 @@ class JobRunner:
             outcome.run_id,
             stage.seed,
             job.checkpoint,
-            workdir_path(job.workdir, TEACHER_CACHE) if stage.caches_teachers(job) else "",
+            *teacher_cache_settings(stage.teacher_cache(job), job.workdir),
         )
         outcome.status, outcome.seconds = "running", time.perf_counter()
         if stage.spec.search is None:

@@ -182,7 +182,16 @@ class SearchSpec(Strict):
 
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 Seeds = Annotated[list[Seed], Field(min_length=1, max_length=100)]
-TeacherCacheMode = Literal["auto", "off"]
+
+
+class TopKCache(Strict):
+    """FKD's soft labels in the teacher-output cache: an approximation, so part of the fingerprint of each stage
+    that reads it."""
+
+    top_k: int = Field(ge=1, le=100_000, description="logits kept per image; the other classes share what they leave")
+
+
+TeacherCacheMode = Literal["auto", "off"] | TopKCache
 
 
 def distinct(seeds: list[int] | None, field: str) -> None:
@@ -261,7 +270,9 @@ class JobSpec(Strict):
         "auto",
         description="auto: students that learn from their teachers' logits alone (kd, takd, dgkd, adaptive's st and "
         "logits paths) read them from a cache under the workdir, filled as the first such student trains; exact "
-        "(fp16 logits of the very views trained on), so it is in no fingerprint. off: the teachers run every step",
+        "(fp16 logits of the very views trained on), so it is in no fingerprint. {top_k: K}: only each image's K "
+        "largest logits are kept (FKD's soft labels, for many classes), an approximation that is part of the "
+        "fingerprint. off: the teachers run every step",
     )
     data: DataSpec
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)

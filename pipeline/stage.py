@@ -42,7 +42,7 @@ from pipeline.models import build_model, load_weights, save_weights
 from pipeline.progress import report_progress
 from pipeline.spec import StageSpec
 from pipeline.task import StageTask, TeacherRef
-from pipeline.teacher_cache import CachedTeacher, TeacherCache, TeacherCaches
+from pipeline.teacher_cache import CachedTeacher, Exact, TeacherCache, TeacherCaches, TopK
 from pipeline.tracking import TAG_CHECKPOINT, TAG_NODE, TAG_RESUMED, Tracker
 
 PROBE_SIZE = 16
@@ -149,12 +149,16 @@ def load_teacher(tracker: Tracker, ref: TeacherRef, device: torch.device, dtype:
     return teacher.to(device, dtype).eval().requires_grad_(False)
 
 
-def cached_teachers(task: StageTask, teachers: list[nn.Module], rank: int, world: int) -> list[CachedTeacher]:
+def cached_teachers(
+    task: StageTask, teachers: list[nn.Module], rank: int, world: int, classes: int
+) -> list[CachedTeacher]:
     """The teachers behind the teacher-output cache, when the stage uses one (`task.teacher_cache`); else none."""
     if not task.teacher_cache:
         return []
-    keys = task.teacher_cache_keys(world)
-    return [CachedTeacher(t, TeacherCache(task.teacher_cache, k, rank)) for t, k in zip(teachers, keys, strict=True)]
+    k = task.teacher_cache_top_k
+    encoding = TopK(k, classes) if 0 < k < classes else Exact()
+    caches = [TeacherCache(task.teacher_cache, key, rank, encoding) for key in task.teacher_cache_keys(world)]
+    return [CachedTeacher(teacher, cache) for teacher, cache in zip(teachers, caches, strict=True)]
 
 
 @torch.no_grad()
@@ -193,7 +197,7 @@ def stage_loop(config: dict) -> None:
     data = open_data(task.data, task.reading, task.seed, rank, world)
     student = build_model(stage.model, data.num_classes)  # first: its initial weights depend on the seed alone
     teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]
-    cached = cached_teachers(task, teachers, rank, world)
+    cached = cached_teachers(task, teachers, rank, world, data.num_classes)
     method_cls = METHODS[stage.method]
     setting = {"model": stage.model, "num_classes": data.num_classes, "image_size": task.reading.image_size}
     method = method_cls(student, cached or teachers, method_cls.Params.model_validate(stage.params), **setting)
@@ -219,7 +223,7 @@ def fill_teacher_cache(task: StageTask, rank: int, world: int) -> dict[str, floa
     tracker = Tracker(task.tracking_uri)
     data = open_data(task.data, task.reading, task.seed, rank, world)
     teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]
-    caches = TeacherCaches(cached_teachers(task, teachers, rank, world))
+    caches = TeacherCaches(cached_teachers(task, teachers, rank, world, data.num_classes))
     counts: dict[str, float] = {}
     for epoch in range(stage.epochs):
         caches.begin_epoch(epoch, data.steps_per_epoch(epoch))

@@ -30,6 +30,7 @@ class StageTask:
     seed: int
     checkpoint: CheckpointSpec
     teacher_cache: str = ""  # the teacher-output cache's root folder or URL; empty: the teachers run online
+    teacher_cache_top_k: int = 0  # logits the cache keeps per image (FKD's soft labels); 0: all of them
 
     def teacher_cache_keys(self, world: int) -> list[str]:
         """Each teacher's key in the teacher-output cache for this stage on `world` ranks; none when it is off."""
@@ -39,9 +40,9 @@ class StageTask:
         if not self.teacher_cache:
             return []
         reading, precision = reading_settings(self.reading), self.config["deepspeed"]["precision"]
-        return [
-            cache_key(ref.run_id, self.data.identity, reading, self.seed, world, precision) for ref in self.teachers
-        ]
+        encoding = f"top{self.teacher_cache_top_k}" if self.teacher_cache_top_k else "fp16"
+        data, seed = self.data.identity, self.seed
+        return [cache_key(ref.run_id, data, reading, seed, world, precision, encoding) for ref in self.teachers]
 
 
 def fill_cache(task: StageTask, rank: int, world: int) -> dict[str, float]:

@@ -7,8 +7,12 @@ batch are then a function of the same, of its weights (its stage run) and of the
 the cache's key (`cache_key`): a folder of one file per (epoch, rank), holding each step's logits in fp16
 (`[steps, batch, classes]`), a signature of each step's images and which steps are filled. A step the file lacks,
 or whose images do not match its signature (a reader that changed under the same key), is never served: the
-teacher runs, and the step is filled. Cold or warm, a student gets the fp16-rounded logits, so a cold and a warm
-cache train identically and the online teacher differs by fp16 rounding only.
+teacher runs, and the step is filled. Cold or warm, a student gets the logits as stored, so a cold and a warm cache
+train identically and the online teacher differs by fp16 rounding only.
+
+For many classes a cache may keep FKD's soft labels instead (`TopK`): each image's k largest logits and the rest
+of its probability mass spread evenly over the other classes. That approximates, so it is part of the stage's
+fingerprint; the exact cache is in none.
 
 Files are written whole under a temporary name and then renamed, so a stage killed while writing leaves no
 half-written file under a cache name; a file that still does not read, or whose checksum, key or shape does not
@@ -33,13 +37,57 @@ from torch import nn
 FORMAT = 1  # raised whenever what a file holds or how a key is made changes: old files are then never read
 STORED = torch.float16
 COMPLETE = "complete"  # in a file's metadata: "True" when every step of its epoch is filled
+SIGNATURES, FILLED = "signatures", "filled"
 
 
-def cache_key(teacher_run: str, data_identity: str, reading: dict, seed: int, world: int, precision: str) -> str:
+class Exact:
+    """The full logits in fp16."""
+
+    fields = ("logits",)
+
+    def encode(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": logits.to(STORED)}
+
+    def decode(self, row: dict[str, torch.Tensor]) -> torch.Tensor:
+        return row["logits"]
+
+
+@dataclass(frozen=True)
+class TopK:
+    """FKD's soft labels (Shen & Xing, ECCV 2022) as logits: the k largest in fp16 with their classes, and one
+    logit for every other class, chosen so that at temperature 1 they share evenly the probability mass the k
+    leave. The top k keep their probabilities exactly; at other temperatures it is an approximation."""
+
+    k: int
+    classes: int
+    fields = ("values", "indices", "rest")
+
+    def encode(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = logits.float()
+        values, indices = logits.topk(self.k, 1)
+        values = values.to(STORED)
+        total = logits.logsumexp(1)
+        kept = (values.float() - total[:, None]).exp().sum(1)
+        rest = ((1 - kept).clamp_min(1e-12) / (self.classes - self.k)).log() + total
+        return {"values": values, "indices": indices.to(torch.int32), "rest": rest}
+
+    def decode(self, row: dict[str, torch.Tensor]) -> torch.Tensor:
+        values = row["values"].float()
+        logits = row["rest"][:, None].expand(len(values), self.classes).clone()
+        return logits.scatter_(1, row["indices"].long(), values)
+
+
+Encoding = Exact | TopK
+
+
+def cache_key(
+    teacher_run: str, data_identity: str, reading: dict, seed: int, world: int, precision: str, encoding: str = "fp16"
+) -> str:
     """What decides a teacher's output on each (epoch, rank, step): its weights, the precision it runs in, and
-    everything that decides the views (the data, how it is read, the seed, the ranks)."""
+    everything that decides the views (the data, how it is read, the seed, the ranks); and how it is stored."""
     facts = {
         "format": FORMAT,
+        "encoding": encoding,
         "teacher_run": teacher_run,
         "data": data_identity,
         "reading": reading,
@@ -83,11 +131,11 @@ def epoch_file(folder: str, epoch: int, rank: int) -> str:
 
 @dataclass
 class EpochEntries:
-    """One (epoch, rank)'s steps as held in memory: rows are allocated when the first step is filled."""
+    """One (epoch, rank)'s steps as held in memory: per stored tensor, one row per step (allocated when the first
+    step is filled), and which steps are filled."""
 
     steps: int
-    logits: torch.Tensor | None = None  # [steps, batch, classes], STORED
-    signatures: torch.Tensor | None = None  # [steps, batch, 2]
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [steps, ...]
     filled: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     added: int = 0  # steps filled since it was read
 
@@ -95,23 +143,28 @@ class EpochEntries:
         if len(self.filled) != self.steps:
             self.filled = torch.zeros(self.steps, dtype=torch.bool)
 
-    def put(self, step: int, signature: torch.Tensor, logits: torch.Tensor) -> None:
-        if self.logits is None:
-            self.logits = torch.zeros(self.steps, *logits.shape, dtype=STORED)
-            self.signatures = torch.zeros(self.steps, *signature.shape)
-        self.logits[step], self.signatures[step], self.filled[step] = logits, signature, True
+    def row(self, step: int) -> dict[str, torch.Tensor]:
+        return {name: rows[step] for name, rows in self.rows.items()}
+
+    def put(self, step: int, row: dict[str, torch.Tensor]) -> None:
+        for name, value in row.items():
+            if name not in self.rows:
+                self.rows[name] = torch.zeros(self.steps, *value.shape, dtype=value.dtype)
+            self.rows[name][step] = value
+        self.filled[step] = True
         self.added += 1
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"logits": self.logits, "signatures": self.signatures, "filled": self.filled.to(torch.uint8)}
+        return {**self.rows, FILLED: self.filled.to(torch.uint8)}
 
 
 class TeacherCache:
     """One teacher's cache as one rank reads and fills it: the file of the epoch in hand, whole in memory."""
 
-    def __init__(self, root: str, key: str, rank: int):
+    def __init__(self, root: str, key: str, rank: int, encoding: Encoding | None = None):
         self.filesystem, folder = pyarrow.fs.FileSystem.from_uri(root)
         self.folder, self.key, self.rank = key_folder(folder, key), key, rank
+        self.encoding = encoding or Exact()
         self.epoch, self.entries = -1, EpochEntries(0)
         self.mismatched: list[int] = []  # filled steps of this epoch whose images differ from the cached views
 
@@ -124,15 +177,18 @@ class TeacherCache:
     def lookup(self, step: int, signature: torch.Tensor) -> torch.Tensor | None:
         """The stored logits of `step` if it is filled with these very views; else None."""
         entries = self.entries
-        if entries.logits is None or not entries.filled[step]:
+        if not entries.filled[step]:
             return None
-        if not same_views(entries.signatures[step], signature):
+        if not same_views(entries.rows[SIGNATURES][step], signature):
             self.mismatched.append(step)
             return None
-        return entries.logits[step]
+        return self.encoding.decode(entries.row(step))
 
-    def put(self, step: int, signature: torch.Tensor, logits: torch.Tensor) -> None:
-        self.entries.put(step, signature, logits.detach().to("cpu", STORED))
+    def put(self, step: int, signature: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Store `step`'s logits; returns them as a lookup will (rounded, or approximated)."""
+        row = self.encoding.encode(logits.detach().cpu())
+        self.entries.put(step, {**row, SIGNATURES: signature})
+        return self.encoding.decode(row)
 
     def end(self) -> None:
         """Store the epoch's file if this run filled steps it lacked, merged with what storage holds by now."""
@@ -148,7 +204,7 @@ class TeacherCache:
             return
         stored = self.read(self.epoch, entries.steps, quiet=True)
         for step in torch.nonzero(stored.filled & ~entries.filled).flatten().tolist():  # steps another stage filled
-            entries.put(step, stored.signatures[step], stored.logits[step])
+            entries.put(step, stored.row(step))
         tensors = entries.tensors()
         metadata = {"key": self.key, "epoch": str(self.epoch), "rank": str(self.rank), "checksum": checksum(tensors)}
         metadata[COMPLETE] = str(bool(entries.filled.all()))
@@ -173,15 +229,17 @@ class TeacherCache:
             if not quiet:
                 print(f"teacher cache: {path}: {problem}; rebuilding it", file=sys.stderr, flush=True)
             return EpochEntries(steps)
-        return EpochEntries(steps, tensors["logits"], tensors["signatures"], tensors["filled"].bool())
+        filled = tensors.pop(FILLED).bool()
+        return EpochEntries(steps, tensors, filled)
 
     def mismatch(self, tensors: dict, metadata: dict, epoch: int, steps: int) -> str:
         expected = {"key": self.key, "epoch": str(epoch), "rank": str(self.rank)}
         found = {name: metadata.get(name) for name in expected}
         if found != expected:
             return f"written for {found}, not {expected}"
-        if set(tensors) != {"logits", "signatures", "filled"} or any(len(t) != steps for t in tensors.values()):
-            return f"expected {steps} steps of logits, signatures and filled flags"
+        names = {*self.encoding.fields, SIGNATURES, FILLED}
+        if set(tensors) != names or any(len(t) != steps for t in tensors.values()):
+            return f"expected {steps} steps of {', '.join(sorted(names))}"
         if checksum(tensors) != metadata.get("checksum"):
             return "checksum mismatch (corrupt)"
         return ""
@@ -230,14 +288,13 @@ class CachedTeacher(nn.Module):
         if self.step is None:
             return self.teacher(images)
         signature = view_signature(images)
-        stored = self.cache.lookup(self.step, signature)
-        if stored is not None:
+        logits = self.cache.lookup(self.step, signature)
+        if logits is not None:
             self.read += 1
-            return stored.to(images.device, images.dtype, non_blocking=True)
-        logits = self.teacher(images)
-        self.computed += 1
-        self.cache.put(self.step, signature, logits)
-        return logits.to(STORED).to(logits.dtype)  # what a warm cache will serve: cold and warm train alike
+        else:
+            self.computed += 1
+            logits = self.cache.put(self.step, signature, self.teacher(images))  # as a warm cache will serve them
+        return logits.to(images.device, images.dtype, non_blocking=True)
 
 
 class TeacherCaches:

@@ -80,6 +80,8 @@ CASES = {
     "missing required field": (edit(lambda j: j["stages"][0].pop("model")), ["stages[0].model", "missing"]),
     "not a mapping": ("- just\n- a list\n", ["mapping"]),
     "bad zero stage": (edit(lambda j: j["stages"][0].update(deepspeed={"zero_stage": 3})), ["zero_stage"]),
+    "unknown teacher cache mode": (edit(lambda j: j.update(teacher_cache="sometimes")), ["teacher_cache", "'auto'"]),
+    "top-k of none": (edit(lambda j: j["stages"][1].update(teacher_cache={"top_k": 0})), ["stages[1].teacher_cache"]),
 }
 
 

@@ -52,6 +52,8 @@ CHANGES = {
     "loader workers (shards deal samples out by worker)": (lambda j: j["data"].update(loader_workers=3), EVERY),
     "the assistant's worker count": (lambda j: j["stages"][1]["workers"].update(count=4), {"assistant", "student"}),
     "the student's method params": (lambda j: j["stages"][2]["params"].update(temperature=2), {"student"}),
+    # Issue 15: FKD's top-k soft labels approximate the teachers: the stages that read them (kd, takd) change.
+    "a top-k teacher cache": (lambda j: j.update(teacher_cache={"top_k": 5}), {"assistant", "student"}),
     # Issue 13, point 4: a searched stage is its config, its search block and its upstream.
     "a search added to the assistant": (lambda j: j["stages"][1].update(search=SEARCH), {"assistant", "student"}),
 }

@@ -19,7 +19,7 @@ from pipeline.engine import Engine, evaluate
 from pipeline.methods import METHODS
 from pipeline.models import build_model
 from pipeline.spec import StageSpec
-from pipeline.teacher_cache import CachedTeacher, TeacherCache, TeacherCaches, cache_key
+from pipeline.teacher_cache import CachedTeacher, Exact, TeacherCache, TeacherCaches, TopK, cache_key
 from tests.test_engine import BATCH, CLASSES, Blobs, Recorder, make_engine, train
 
 EPOCHS = 2
@@ -45,7 +45,9 @@ class Counted(torch.nn.Module):
         return self.teacher(images)
 
 
-def distil(teacher: torch.nn.Module, data: Blobs, root=None, key: str = "key") -> tuple[Recorder, float, Counted]:
+def distil(
+    teacher: torch.nn.Module, data: Blobs, root=None, key: str = "key", encoding=None
+) -> tuple[Recorder, float, Counted]:
     """A KD student (resnet8, seed 0) trained for EPOCHS on `data`: online, or through the cache at `root`.
     Returns what the engine reported, the student's final top-1 and the teacher with its calls counted during
     training."""
@@ -53,7 +55,7 @@ def distil(teacher: torch.nn.Module, data: Blobs, root=None, key: str = "key") -
     teachers: list[torch.nn.Module] = [counted]
     caches = None
     if root is not None:
-        teachers = [CachedTeacher(counted, TeacherCache(str(root), key, rank=0))]
+        teachers = [CachedTeacher(counted, TeacherCache(str(root), key, 0, encoding or Exact()))]
         caches = TeacherCaches(teachers)
     torch.manual_seed(0)
     spec = StageSpec(name="s", model="resnet8", method="kd", teachers=["t"], epochs=EPOCHS, optimizer={"lr": 0.1})
@@ -138,6 +140,31 @@ def test_half_written_corrupt_and_foreign_files_are_named_and_rebuilt(teacher, t
     assert warm_teacher.calls == 0 and warm.losses == reference.losses and not capsys.readouterr().err
 
 
+def test_top_k_keeps_the_k_largest_probabilities_and_spreads_the_rest_evenly():
+    """FKD's soft labels by hand: logits (2, 1, 0, -1), k = 2. The two largest stay; the other two classes get the
+    logit log((e^0 + e^-1) / 2), so each has half of the mass the first two leave."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, -2.0, 1.0]])
+    encoding = TopK(2, 4)
+    decoded = encoding.decode(encoding.encode(logits))
+    rest = torch.log(torch.tensor((1 + torch.e**-1) / 2))
+    torch.testing.assert_close(decoded[0], torch.tensor([2.0, 1.0, rest, rest]))
+    p, q = logits.softmax(1), decoded.softmax(1)
+    torch.testing.assert_close(q[1, [1, 3]], p[1, [1, 3]], rtol=1e-3, atol=0)  # fp16 values: 2^-11 relative
+    torch.testing.assert_close(q[1, [0, 2]], (1 - p[1, [1, 3]].sum()).expand(2) / 2, rtol=1e-3, atol=0)
+
+
+def test_a_top_k_cache_trains_alike_cold_and_warm_and_approximates_the_teacher(teacher, tmp_path):
+    """Top-2 of 4 classes: a cold and a warm cache train identically, without the teacher when warm; the student
+    learns from an approximation (its losses differ from the online teacher's by more than fp16 rounding)."""
+    data, encoding = Blobs(), TopK(2, CLASSES)
+    online, _, _ = distil(teacher, data)
+    cold, _, _ = distil(teacher, data, tmp_path, encoding=encoding)
+    warm, warm_top1, warm_teacher = distil(teacher, data, tmp_path, encoding=encoding)
+    assert warm_teacher.calls == 0 and warm.losses == cold.losses
+    assert warm.losses != pytest.approx(online.losses, rel=1e-3)
+    assert warm_top1 > 0.6  # 4 classes: chance is 0.25
+
+
 def test_the_key_changes_with_every_fact_that_decides_the_outputs():
     facts = [  # (name, value, another value)
         ("teacher_run", "run-a", "run-b"),
@@ -146,6 +173,7 @@ def test_the_key_changes_with_every_fact_that_decides_the_outputs():
         ("seed", 0, 1),
         ("world", 2, 1),
         ("precision", "fp32", "bf16"),
+        ("encoding", "fp16", "top5"),
     ]
     base = {name: value for name, value, _ in facts}
     key = cache_key(**base)
