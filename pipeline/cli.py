@@ -409,17 +409,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import job_results, log_report, report_rows
+    from pipeline.plan import check_baseline
+    from pipeline.report import finished_metrics, job_results, log_report, report_rows
     from pipeline.tracking import TrackingError
 
     plan, tracker = job_and_tracker(args)
     baseline = args.baseline or plan.job.baseline
-    if baseline is not None and baseline not in {stage.name for stage in plan.job.stages}:
-        raise UserError(f"--baseline: no stage '{baseline}' in the job; its stages are: {', '.join(plan.order)}")
+    check_baseline(plan.job, baseline, "--baseline")
     title = f"kdpipe job '{plan.job.name}'"
     try:
         experiment = tracker.experiment_id(plan.job.tracking.experiment)
-        results = job_results(plan, tracker, experiment)
+        results = job_results(plan, finished_metrics(plan, tracker, experiment))
         job_run = tracker.latest_job_run(experiment, plan.job.name)
         text = log_report(tracker, job_run.info.run_id, title, results, baseline) if job_run else None
     except TrackingError as err:

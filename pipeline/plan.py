@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from pipeline import dag
+from pipeline.data import data_identity
 from pipeline.errors import UserError
 from pipeline.methods import METHODS, get_method, parse_params
 from pipeline.models import is_known_model
@@ -95,6 +96,12 @@ class Plan:
             prints[name] = dag.fingerprint(stage.identity(self.job), upstream, data_id)
         return prints
 
+    def current_fingerprints(self) -> dict[str, str]:
+        """The fingerprints as the data stands, for looking up what a run would reuse; none while synthetic data
+        has not been generated (so nothing can have trained on it)."""
+        identity = data_identity(self.job.data)
+        return self.fingerprints(identity) if identity else {}
+
     def named(self, name: str) -> list[str]:
         """The planned stages a name stands for: a stage, or every repeat of a job-file stage."""
         return [n for n, stage in self.stages.items() if name in (n, stage.source.name if stage.source else n)]
@@ -115,9 +122,15 @@ def plan_job(job: JobSpec) -> Plan:
         planned[stage.name], index[stage.name] = plan_stage(stage, f"stages[{i}]"), i
         if stage.search is not None:
             check_search(planned[stage.name], f"stages[{i}].search.space")
-    if job.baseline is not None and job.baseline not in planned:
-        raise UserError(f"baseline: unknown stage '{job.baseline}'; expected one of: {', '.join(planned)}")
+    check_baseline(job, job.baseline, "baseline")
     return repeat_over_seeds(job, order, planned, index)
+
+
+def check_baseline(job: JobSpec, baseline: str | None, where: str) -> None:
+    """A baseline (the job file's, or `kdpipe report --baseline`) names one of the job file's stages."""
+    names = [stage.name for stage in job.stages]
+    if baseline is not None and baseline not in names:
+        raise UserError(f"{where}: unknown stage '{baseline}'; expected one of: {', '.join(names)}")
 
 
 def repeat_over_seeds(job: JobSpec, order: list[str], planned: dict[str, PlannedStage], index: dict) -> Plan:

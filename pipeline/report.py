@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import artifacts
-from pipeline.data import data_identity
 from pipeline.plan import Plan
 from pipeline.tracking import Tracker
 
@@ -38,21 +37,25 @@ class StageResult:
         return statistics.stdev(self.values[metric]) if len(self.seeds) > 1 else None
 
 
-def job_results(
-    plan: Plan, tracker: Tracker, experiment_id: str, prints: dict[str, str] | None = None
-) -> list[StageResult]:
-    """One result per job-file stage, in the job's order, from the runs the job's fingerprints (`prints`, or
-    worked out here) select."""
-    if prints is None:
-        identity = data_identity(plan.job.data)
-        prints = plan.fingerprints(identity) if identity else {}
+def finished_metrics(plan: Plan, tracker: Tracker, experiment_id: str) -> dict[str, dict[str, float] | None]:
+    """Each planned stage's final metrics from the run `kdpipe run` would reuse; None where there is none yet."""
+    prints = plan.current_fingerprints()
+    found = {name: None for name in plan.stages}
+    for name in prints:
+        result = tracker.find_finished_stage(experiment_id, prints[name], artifacts.FINAL_WEIGHTS)
+        found[name] = result[1] if result else None
+    return found
+
+
+def job_results(plan: Plan, metrics: dict[str, dict[str, float] | None]) -> list[StageResult]:
+    """One result per job-file stage, in the job's order, from each planned stage's final `metrics` (None: not
+    trained yet)."""
     found: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for name, stage in plan.stages.items():
         source = stage.source or stage.spec
-        result = tracker.find_finished_stage(experiment_id, prints[name], artifacts.FINAL_WEIGHTS) if prints else None
         found.setdefault(source.name, [])
-        if result is not None:
-            found[source.name].append((stage.seed, result[1]))
+        if metrics[name] is not None:
+            found[source.name].append((stage.seed, metrics[name]))
     results = []
     for stage in plan.job.stages:
         repeats = found[stage.name]

@@ -215,7 +215,7 @@ class JobRunner:
         reused every stage draws the same picture, and matplotlib's import would be most of its few seconds."""
         from pipeline.report import job_results, log_report
 
-        results = job_results(self.plan, self.tracker, self.experiment, self.prints)
+        results = job_results(self.plan, {name: o.metrics if o.finished else None for name, o in self.outcomes.items()})
         drawn = any(o.status not in ("reused", "skipped") for o in self.outcomes.values())
         log_report(self.tracker, self.parent, f"kdpipe job '{self.job.name}'", results, self.job.baseline, drawn)
 

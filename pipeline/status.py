@@ -7,7 +7,6 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from pipeline.data import data_identity
 from pipeline.plan import Plan
 from pipeline.tracking import TAG_CHECKPOINT, Tracker, run_is_live
 
@@ -28,8 +27,7 @@ class StageStatus:
 
 
 def job_status(plan: Plan, tracker: Tracker, experiment_id: str) -> list[StageStatus]:
-    identity = data_identity(plan.job.data)
-    prints = plan.fingerprints(identity) if identity else {}
+    prints = plan.current_fingerprints()
     job_run = tracker.latest_job_run(experiment_id, plan.job.name)
     tags = job_run.data.tags if job_run else {}
     rows = []
