@@ -46,25 +46,36 @@ class Counted(torch.nn.Module):
 
 
 def distil(
-    teacher: torch.nn.Module, data: Blobs, root=None, key: str = "key", encoding=None
-) -> tuple[Recorder, float, Counted]:
-    """A KD student (resnet8, seed 0) trained for EPOCHS on `data`: online, or through the cache at `root`.
-    Returns what the engine reported, the student's final top-1 and the teacher with its calls counted during
-    training."""
-    counted = Counted(teacher)
-    teachers: list[torch.nn.Module] = [counted]
+    teacher: torch.nn.Module,
+    data: Blobs,
+    root=None,
+    key: str = "key",
+    encoding=None,
+    method: str = "kd",
+    params: dict | None = None,
+    count: int = 1,
+) -> tuple[Recorder, float, int]:
+    """A student (resnet8, seed 0) of `count` copies of the teacher, trained by `method` for EPOCHS on `data`:
+    online, or through the cache at `root` (one key per teacher). Returns what the engine reported, the student's
+    final top-1 and the teachers' forward calls during training."""
+    counted = [Counted(teacher) for _ in range(count)]
+    teachers: list[torch.nn.Module] = list(counted)
     caches = None
     if root is not None:
-        teachers = [CachedTeacher(counted, TeacherCache(str(root), key, 0, encoding or Exact()))]
+        keys = [key] if count == 1 else [f"{key}-{i}" for i in range(count)]
+        stores = [TeacherCache(str(root), k, 0, encoding or Exact()) for k in keys]
+        teachers = [CachedTeacher(t, store) for t, store in zip(counted, stores, strict=True)]
         caches = TeacherCaches(teachers)
     torch.manual_seed(0)
-    spec = StageSpec(name="s", model="resnet8", method="kd", teachers=["t"], epochs=EPOCHS, optimizer={"lr": 0.1})
-    method = METHODS["kd"](build_model("resnet8", CLASSES), teachers, METHODS["kd"].Params(), num_classes=CLASSES)
-    engine, recorder = Engine(method, spec, BATCH, torch.device("cpu")), Recorder()
+    names = [f"t{i}" for i in range(count)]
+    spec = StageSpec(name="s", model="resnet8", method=method, teachers=names, epochs=EPOCHS, optimizer={"lr": 0.1})
+    cls = METHODS[method]
+    module = cls(build_model("resnet8", CLASSES), teachers, cls.Params(**(params or {})), num_classes=CLASSES)
+    engine, recorder = Engine(module, spec, BATCH, torch.device("cpu")), Recorder()
     recorder.engine = engine
     engine.train(data, Position(0, 0, 0), recorder, recorder, recorder, **({"teachers": caches} if caches else {}))
     top1 = evaluate(engine.method.student, data.val_batches(), engine.device, engine.dtype, CLASSES)["val/top1"]
-    return recorder, top1, counted
+    return recorder, top1, sum(t.calls for t in counted)
 
 
 def cache_counts(recorder: Recorder) -> list[tuple[float, float]]:
@@ -78,8 +89,8 @@ def test_a_warm_cache_trains_like_the_online_teacher_without_calling_it(teacher,
     cold, cold_top1, cold_teacher = distil(teacher, data, tmp_path)
     warm, warm_top1, warm_teacher = distil(teacher, data, tmp_path)
 
-    assert online_teacher.calls == cold_teacher.calls == EPOCHS * steps
-    assert warm_teacher.calls == 0
+    assert online_teacher == cold_teacher == EPOCHS * steps
+    assert warm_teacher == 0
     assert cache_counts(cold) == [(steps, 0)] * EPOCHS and cache_counts(warm) == [(0, steps)] * EPOCHS
     assert sorted(p.name for p in (tmp_path / "key").iterdir()) == [
         "epoch-00000-rank-0000.safetensors",
@@ -89,6 +100,28 @@ def test_a_warm_cache_trains_like_the_online_teacher_without_calling_it(teacher,
     assert warm.losses == pytest.approx(online.losses, rel=1e-3)  # fp16 rounding of the logits (2^-11), and its echo
     assert online.losses != warm.losses  # the cache's values really are rounded: the comparison is not vacuous
     assert abs(warm_top1 - online_top1) <= 0.005
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "count"),
+    [("takd", {}, 1), ("dgkd", {"drop_prob": 0.5}, 2), ("adaptive", {"paths": ["st", "logits"]}, 1)],
+)
+def test_every_method_that_learns_from_logits_alone_reads_the_cache(teacher, tmp_path, method, params, count):
+    """TAKD, DGKD with two teachers (each step drops one of them: the cold run fills each teacher's cache only where
+    it was kept, which is where the warm run, drawing the same drops, reads it) and adaptive's logit paths."""
+    assert METHODS[method].cacheable(METHODS[method].Params(**params))
+    data = Blobs()
+    online, _, online_calls = distil(teacher, data, method=method, params=params, count=count)
+    cold, _, cold_calls = distil(teacher, data, tmp_path, method=method, params=params, count=count)
+    warm, _, warm_calls = distil(teacher, data, tmp_path, method=method, params=params, count=count)
+    assert online_calls == cold_calls == EPOCHS * data.steps_per_epoch(0) and warm_calls == 0
+    # Against the online teachers: adaptive's logit MSE (and its learned weights) magnify fp16 rounding more than KL.
+    assert warm.losses == cold.losses and warm.losses == pytest.approx(online.losses, rel=1e-2, abs=1e-3)
+
+
+def test_feature_methods_keep_their_online_teachers():
+    assert not any(METHODS[m].cacheable(METHODS[m].Params()) for m in ("fitnets", "at", "sp", "pkt", "infoflow"))
+    assert not METHODS["adaptive"].cacheable(METHODS["adaptive"].Params(paths=["st", "at"]))
 
 
 def test_steps_whose_images_differ_from_the_cached_views_run_the_teacher(teacher, tmp_path, capsys):
@@ -102,12 +135,12 @@ def test_steps_whose_images_differ_from_the_cached_views_run_the_teacher(teacher
     capsys.readouterr()
     changed, _, changed_teacher = distil(teacher, shuffled, tmp_path)
     online, _, _ = distil(teacher, shuffled)
-    assert changed_teacher.calls == EPOCHS * steps and cache_counts(changed) == [(steps, 0)] * EPOCHS
+    assert changed_teacher == EPOCHS * steps and cache_counts(changed) == [(steps, 0)] * EPOCHS
     assert changed.losses == pytest.approx(online.losses, rel=1e-3)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == EPOCHS and all("differ from the cached views" in line for line in lines), lines
     again, _, again_teacher = distil(teacher, shuffled, tmp_path)
-    assert again_teacher.calls == 0 and again.losses == changed.losses
+    assert again_teacher == 0 and again.losses == changed.losses
 
 
 def test_half_written_corrupt_and_foreign_files_are_named_and_rebuilt(teacher, tmp_path, capsys):
@@ -127,7 +160,7 @@ def test_half_written_corrupt_and_foreign_files_are_named_and_rebuilt(teacher, t
     assert len(lines) == 2, lines
     assert str(first) in lines[0] and "unreadable" in lines[0] and "rebuilding it" in lines[0]
     assert str(second) in lines[1] and "checksum mismatch" in lines[1]
-    assert rebuilt_teacher.calls == EPOCHS * steps and rebuilt.losses == reference.losses
+    assert rebuilt_teacher == EPOCHS * steps and rebuilt.losses == reference.losses
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / first.name).write_bytes(first.read_bytes())
@@ -137,7 +170,7 @@ def test_half_written_corrupt_and_foreign_files_are_named_and_rebuilt(teacher, t
     assert cache_counts(foreign)[0] == (steps, 0)
 
     warm, _, warm_teacher = distil(teacher, data, tmp_path)
-    assert warm_teacher.calls == 0 and warm.losses == reference.losses and not capsys.readouterr().err
+    assert warm_teacher == 0 and warm.losses == reference.losses and not capsys.readouterr().err
 
 
 def test_top_k_keeps_the_k_largest_probabilities_and_spreads_the_rest_evenly():
@@ -160,7 +193,7 @@ def test_a_top_k_cache_trains_alike_cold_and_warm_and_approximates_the_teacher(t
     online, _, _ = distil(teacher, data)
     cold, _, _ = distil(teacher, data, tmp_path, encoding=encoding)
     warm, warm_top1, warm_teacher = distil(teacher, data, tmp_path, encoding=encoding)
-    assert warm_teacher.calls == 0 and warm.losses == cold.losses
+    assert warm_teacher == 0 and warm.losses == cold.losses
     assert warm.losses != pytest.approx(online.losses, rel=1e-3)
     assert warm_top1 > 0.6  # 4 classes: chance is 0.25
 
