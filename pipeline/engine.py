@@ -30,6 +30,12 @@ from pipeline.teacher_cache import TeacherCaches
 if TYPE_CHECKING:
     from pipeline.data.loaders import StageData
 
+# DeepSpeed's CPU backend compiles (about a minute in a new virtualenv), then loads in every process, a shared-memory
+# all-reduce that serves tensor-parallel inference alone (`inference_all_reduce`); training's collectives go through
+# torch.distributed. Its table of compatible ops, recorded empty before DeepSpeed first probes every op for it,
+# skips the probe, the build and the load: DeepSpeed then uses gloo alone, as on platforms without the op.
+deepspeed.ops.__compatible_ops__ = {}
+
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # NHWC inputs make convolutions run NHWC: about 25% faster on CPU (oneDNN), and the layout tensor cores want on
 # GPU. Parameters stay in the default layout, which DeepSpeed's broadcast and ZeRO's flat buffers expect.
