@@ -23,10 +23,12 @@ their own steps before writing; at worst one's steps are lost and computed again
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 import uuid
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import pyarrow.fs
 import torch
@@ -38,6 +40,7 @@ FORMAT = 1  # raised whenever what a file holds or how a key is made changes: ol
 STORED = torch.float16
 COMPLETE = "complete"  # in a file's metadata: "True" when every step of its epoch is filled
 SIGNATURES, FILLED = "signatures", "filled"
+MAX_HEADER = 1 << 20  # bytes: a cache file's header is a few hundred
 
 
 class Exact:
@@ -136,11 +139,11 @@ class EpochEntries:
 
     steps: int
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [steps, ...]
-    filled: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    filled: torch.Tensor | None = None  # [steps] bool; None: none yet
     added: int = 0  # steps filled since it was read
 
     def __post_init__(self) -> None:
-        if len(self.filled) != self.steps:
+        if self.filled is None:
             self.filled = torch.zeros(self.steps, dtype=torch.bool)
 
     def row(self, step: int) -> dict[str, torch.Tensor]:
@@ -202,9 +205,10 @@ class TeacherCache:
             )
         if not entries.added:
             return
-        stored = self.read(self.epoch, entries.steps, quiet=True)
-        for step in torch.nonzero(stored.filled & ~entries.filled).flatten().tolist():  # steps another stage filled
-            entries.put(step, stored.row(step))
+        if not entries.filled.all():  # steps another stage may have filled meanwhile
+            stored = self.read(self.epoch, entries.steps, quiet=True)
+            for step in torch.nonzero(stored.filled & ~entries.filled).flatten().tolist():
+                entries.put(step, stored.row(step))
         tensors = entries.tensors()
         metadata = {"key": self.key, "epoch": str(self.epoch), "rank": str(self.rank), "checksum": checksum(tensors)}
         metadata[COMPLETE] = str(bool(entries.filled.all()))
@@ -253,24 +257,31 @@ def complete(root: str, keys: list[str], epochs: int, world: int) -> bool:
     for path, info in zip(paths, filesystem.get_file_info(paths), strict=True):
         if info.type != pyarrow.fs.FileType.File:
             return False
-        with filesystem.open_input_file(path) as stream:
-            length = int.from_bytes(stream.read(8), "little")
-            try:
-                metadata = json.loads(stream.read(min(length, 1 << 20))).get("__metadata__") or {}
-            except ValueError:
-                return False
+        try:
+            with filesystem.open_input_file(path) as stream:
+                metadata = read_metadata(stream)
+        except ValueError:
+            return False
         if metadata.get(COMPLETE) != "True":
             return False
     return True
 
 
+def read_metadata(stream: BinaryIO) -> dict[str, str]:
+    """The metadata of a safetensors file (its header's `__metadata__`), reading only the header from `stream`;
+    ValueError if the header is not there whole."""
+    length = int.from_bytes(stream.read(8), "little")
+    if length > MAX_HEADER:
+        raise ValueError(f"a header of {length} bytes")
+    header = stream.read(length)
+    if len(header) < length:
+        raise ValueError(f"a header of {length} bytes in a file of {8 + len(header)}")
+    return json.loads(header).get("__metadata__") or {}
+
+
 def load_file_with_metadata(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A safetensors file's tensors and its metadata (the header's `__metadata__`)."""
-    length = int.from_bytes(data[:8], "little")
-    if not 8 <= 8 + length <= len(data):
-        raise ValueError(f"header of {length} bytes in a file of {len(data)}")
-    header = json.loads(data[8 : 8 + length])
-    return load(data), header.get("__metadata__") or {}
+    """A safetensors file's tensors and its metadata."""
+    return load(data), read_metadata(io.BytesIO(data))
 
 
 class CachedTeacher(nn.Module):
