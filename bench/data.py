@@ -2,17 +2,22 @@
 and kdpipe's decoder (torchvision's, libjpeg-turbo) against PIL's on the same bytes.
 
 Both readers read the same images with the same worker count, batch size and training transforms
-(RandomResizedCrop + flip, normalized float batches out), in one process, one after the other, warm page cache for
-both; each is timed over full epochs, alternating, and its best epoch counts. Prints the ratio shard / ImageFolder.
-The decoders decode and crop the same JPEG bytes in this process, one thread, alternating, best of 3.
+(RandomResizedCrop + flip), in one process, one after the other, warm page cache for both, and every batch is made
+the model's input on `--device` (normalized float32, as the engine receives it; on a GPU from page-locked memory);
+each is timed over full epochs (a new loader each epoch, as in a stage), alternating, and its best epoch counts.
+Prints the ratio shard / ImageFolder. `--copies` stores each JPEG that many times under other names: epochs long
+enough for many loader workers without minutes of making images. The decoders decode and crop the same JPEG bytes in
+this process, one thread, alternating, best of 3.
 
     .venv/bin/python bench/data.py [--images 2000] [--size 160] [--crop 128] [--workers 2] [--batch 64]
+    python bench/data.py --device cuda --images 4000 --copies 8 --size 320 --crop 224 --workers 16 --batch 256
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +35,14 @@ from pipeline.data.synthetic import write_image_folder
 from pipeline.spec import DataSpec
 
 
-def images_per_second(spec: DataSpec, epoch: int) -> float:
-    reader = open_data(prepare_data(spec), spec, seed=0, rank=0, world=1)
+def images_per_second(spec: DataSpec, epoch: int, device: torch.device) -> float:
+    reader = open_data(prepare_data(spec), spec, seed=0, rank=0, world=1, pin_memory=device.type == "cuda")
     started, count = time.perf_counter(), 0
     for images, _ in reader.train_batches(epoch):
+        reader.inputs(images, device)
         count += len(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return count / (time.perf_counter() - started)
 
 
@@ -62,17 +70,23 @@ def decode_rates(jpegs: list[bytes], crop: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2000, help="training JPEGs (default 2000)")
+    parser.add_argument("--images", type=int, default=2000, help="distinct training JPEGs (default 2000)")
+    parser.add_argument("--copies", type=int, default=1, help="times each is stored (default 1)")
     parser.add_argument("--size", type=int, default=160, help="side of the stored JPEGs (default 160)")
     parser.add_argument("--crop", type=int, default=128, help="side of the training crops (default 128)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for both readers (default 2)")
     parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per reader (default 3)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where batches become inputs")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_image_folder(root / "jpegs", 8, args.size, args.images, args.images // 10, seed=0)
+        for path in sorted((root / "jpegs" / "train").rglob("*.jpg")):
+            for copy in range(1, args.copies):
+                shutil.copyfile(path, path.with_name(f"{path.stem}-{copy}.jpg"))
         convert(root / "jpegs", root / "shards", shard_size=250, workers=args.workers)
         common = {"image_size": args.crop, "batch_size": args.batch, "loader_workers": args.workers}
         specs = {
@@ -80,14 +94,18 @@ def main() -> None:
             "imagefolder": DataSpec(source="imagefolder", path=str(root / "jpegs"), **common),
         }
         for spec in specs.values():
-            images_per_second(spec, epoch=0)  # warm-up: page cache, imports, worker start-up paths
+            images_per_second(spec, 0, device)  # warm-up: page cache, imports, worker start-up paths
         best = dict.fromkeys(specs, 0.0)
         for epoch in range(1, args.epochs + 1):
             for name, spec in specs.items():
-                best[name] = max(best[name], images_per_second(spec, epoch))
+                best[name] = max(best[name], images_per_second(spec, epoch, device))
         jpegs = [path.read_bytes() for path in sorted((root / "jpegs" / "train").rglob("*.jpg"))[:500]]
         decoders = decode_rates(jpegs, args.crop)
-    print(f"{args.images} JPEGs {args.size} px -> {args.crop} px crops, {args.workers} workers, batch {args.batch}")
+    total = args.images * args.copies
+    print(
+        f"{total} JPEGs {args.size} px -> {args.crop} px crops, {args.workers} workers, batch {args.batch}, "
+        f"inputs on {args.device}"
+    )
     for name, rate in best.items():
         print(f"  {name:12s} {rate:8.0f} images/s")
     print(f"ratio shards / imagefolder: {best['shards'] / best['imagefolder']:.2f}")

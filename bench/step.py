@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine import PRECISIONS, Engine, single_process_group
+from pipeline.engine import Engine, single_process_group
 from pipeline.methods import METHODS
 from pipeline.models import build_model
 from pipeline.spec import StageSpec
@@ -87,7 +87,7 @@ def engine_loop(args: argparse.Namespace, device: torch.device):
     """kdpipe's engine: the method in a DeepSpeed engine, one process."""
     single_process_group(device)
     torch.manual_seed(0)
-    teacher = build_model(args.teacher, CLASSES).to(device, PRECISIONS[args.precision]).eval()
+    teacher = build_model(args.teacher, CLASSES).to(device).eval()
     teachers = [teacher.requires_grad_(False)] if args.method == "kd" else []
     method_cls = METHODS[args.method]
     method = method_cls(build_model(args.student, CLASSES), teachers, method_cls.Params(), model=args.student)
@@ -230,7 +230,8 @@ def main() -> None:
             best[name] = max(best[name], images_per_second(step, batches, args.steps, device))
     bare = best["bare PyTorch loop"]
     what = f"{args.method} {args.teacher} -> {args.student}" if args.method == "kd" else f"ce {args.student}"
-    print(f"{what}, {args.size} px, batch {args.batch}, {args.precision}, {args.device}", flush=True)
+    backend = f"{torch.distributed.get_backend()} group of {torch.distributed.get_world_size()}"
+    print(f"{what}, {args.size} px, batch {args.batch}, {args.precision}, {args.device}; engine: {backend}", flush=True)
     for name, rate in best.items():
         print(f"  {name:34s} {rate:9.1f} images/s   {rate / bare:5.2f}x bare")
     if not args.stage:

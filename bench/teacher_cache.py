@@ -69,7 +69,10 @@ def engine_steps(args: argparse.Namespace) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
     shape = (args.batch, 3, args.size, args.size)
     batches = [
-        (torch.randn(shape, generator=generator), torch.randint(0, CLASSES, (args.batch,), generator=generator))
+        (
+            torch.randn(shape, generator=generator).contiguous(memory_format=torch.channels_last),
+            torch.randint(0, CLASSES, (args.batch,), generator=generator),
+        )
         for _ in range(args.steps)
     ]
     teacher = build_model(args.teacher, CLASSES).eval().requires_grad_(False)

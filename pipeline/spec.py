@@ -232,8 +232,8 @@ class StageSpec(Strict):
             raise ValueError("teachers: each teacher once")
         if self.deepspeed.precision == "fp16" and not self.workers.gpus:
             raise ValueError(
-                "deepspeed.precision: fp16 needs GPU workers (workers.gpus > 0), DeepSpeed has none on CPU; "
-                "use bf16 or fp32"
+                "deepspeed.precision: fp16 needs GPU workers (workers.gpus > 0), its kernels and loss scaling are "
+                "for GPUs; use bf16 or fp32 on CPU"
             )
         return self
 

@@ -36,7 +36,7 @@ from pipeline.checkpoint import (
     write_state,
 )
 from pipeline.data.loaders import StageData, open_data
-from pipeline.engine import PRECISIONS, Engine, to_device
+from pipeline.engine import PRECISIONS, Engine, autocast
 from pipeline.methods import METHODS
 from pipeline.models import build_model, load_weights, save_weights
 from pipeline.progress import report_progress
@@ -142,11 +142,12 @@ class BoardProgress:
             report_progress(self.job, self.stage.name, top1=metrics["val/top1"], **fields)
 
 
-def load_teacher(tracker: Tracker, ref: TeacherRef, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A teacher stage's final weights, frozen and in eval mode (BN running statistics) from the start."""
+def load_teacher(tracker: Tracker, ref: TeacherRef, device: torch.device) -> nn.Module:
+    """A teacher stage's final weights, frozen and in eval mode (BN running statistics) from the start; fp32, run
+    under the stage's autocast like the student."""
     with tracker.downloaded(ref.run_id, artifacts.WEIGHTS) as folder:
         teacher = load_weights(folder)
-    return teacher.to(device, dtype).eval().requires_grad_(False)
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 def cached_teachers(
@@ -165,7 +166,7 @@ def cached_teachers(
 def log_teacher_probe(tracker: Tracker, task: StageTask, teachers: list[nn.Module], data: StageData, engine) -> None:
     """Record what each loaded teacher outputs on a fixed held-out batch: provenance a user (or a test) can check
     against the teacher stage's own saved weights."""
-    images = engine.inputs(next(iter(data.val_batches()))[0][:PROBE_SIZE])
+    images = data.inputs(next(iter(data.val_batches()))[0][:PROBE_SIZE], engine.device)
     probe = {"images": images.float().cpu().contiguous()}  # safetensors stores the default layout only
     probe.update({ref.stage: t(images).float().cpu() for ref, t in zip(task.teachers, teachers, strict=True)})
     with tempfile.TemporaryDirectory() as folder:
@@ -189,14 +190,13 @@ def stage_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    dtype = PRECISIONS[stage.deepspeed.precision]
     torch.manual_seed(task.seed)  # the same initial weights on every rank (DeepSpeed broadcasts rank 0's too)
     tracker = Tracker(task.tracking_uri)
     tracker.set_tags(task.run_id, {f"{TAG_NODE}.{rank}": ray.get_runtime_context().get_node_id()})
 
-    data = open_data(task.data, task.reading, task.seed, rank, world)
+    data = open_data(task.data, task.reading, task.seed, rank, world, pin_memory=device.type == "cuda")
     student = build_model(stage.model, data.num_classes)  # first: its initial weights depend on the seed alone
-    teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]
+    teachers = [load_teacher(tracker, ref, device) for ref in task.teachers]
     cached = cached_teachers(task, teachers, rank, world, data.num_classes)
     method_cls = METHODS[stage.method]
     setting = {"model": stage.model, "num_classes": data.num_classes, "image_size": task.reading.image_size}
@@ -221,17 +221,18 @@ def fill_teacher_cache(task: StageTask, rank: int, world: int) -> dict[str, floa
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray shows a task its own GPUs only
     dtype = PRECISIONS[stage.deepspeed.precision]
     tracker = Tracker(task.tracking_uri)
-    data = open_data(task.data, task.reading, task.seed, rank, world)
-    teachers = [load_teacher(tracker, ref, device, dtype) for ref in task.teachers]
+    data = open_data(task.data, task.reading, task.seed, rank, world, pin_memory=device.type == "cuda")
+    teachers = [load_teacher(tracker, ref, device) for ref in task.teachers]
     caches = TeacherCaches(cached_teachers(task, teachers, rank, world, data.num_classes))
     counts: dict[str, float] = {}
     for epoch in range(stage.epochs):
         caches.begin_epoch(epoch, data.steps_per_epoch(epoch))
         for step, (images, _) in enumerate(data.train_batches(epoch)):
             caches.at_step(step)
-            inputs = to_device(images, device, dtype)  # exactly as the engine hands them to the method
-            for teacher in caches.teachers:
-                teacher(inputs)
+            inputs = data.inputs(images, device)  # exactly as the engine hands them to the method
+            with autocast(device, dtype):
+                for teacher in caches.teachers:
+                    teacher(inputs)
         for name, value in caches.end_epoch().items():
             counts[name] = counts.get(name, 0.0) + value
     return counts

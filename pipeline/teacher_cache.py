@@ -36,7 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
-FORMAT = 1  # raised whenever what a file holds or how a key is made changes: old files are then never read
+FORMAT = 2  # raised whenever what a file holds, how a key is made or what a precision means changes (2: bf16 and
+# fp16 became autocast over fp32 weights): old files are then never read
 STORED = torch.float16
 COMPLETE = "complete"  # in a file's metadata: "True" when every step of its epoch is filled
 SIGNATURES, FILLED = "signatures", "filled"

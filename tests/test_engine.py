@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import MODEL, Position, read_state, write_state
+from pipeline.data.shard_reader import to_device
 from pipeline.engine import Engine, evaluate, lr_factor
 from pipeline.methods import METHODS
 from pipeline.models import build_model
@@ -46,6 +48,8 @@ class Blobs:
 
     def val_batches(self):
         return zip(self.val_x.split(BATCH), self.val_y.split(BATCH), strict=True)
+
+    inputs = staticmethod(to_device)
 
 
 class Recorder:
@@ -112,7 +116,7 @@ def test_a_step_is_one_sgd_step_on_the_summed_losses(process_group):
     images, labels = next(Blobs().train_batches(0))
     loss = F.cross_entropy(reference(images.contiguous(memory_format=torch.channels_last)), labels)
     loss.backward()
-    losses = engine.step(images, labels)
+    losses = engine.step(to_device(images, engine.device), labels)
     assert losses["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
     assert losses["loss"].item() == pytest.approx(losses["ce"].item())
     for (name, param), before in zip(engine.method.student.named_parameters(), reference.parameters(), strict=True):
@@ -132,7 +136,7 @@ def test_the_epoch_loop_logs_the_means_of_its_steps_and_the_lr_of_each_step(proc
         assert metrics["train/loss"] == pytest.approx(sum(recorder.losses[epoch * steps : (epoch + 1) * steps]) / steps)
         assert metrics["lr"] == pytest.approx(0.1 * lr_factor(ScheduleSpec(), epoch + 1, 2))
         assert metrics["global_step"] == (epoch + 1) * steps and metrics["images_per_second"] > 0
-    scores = evaluate(engine.method.student, data.val_batches(), engine.device, engine.dtype, CLASSES)
+    scores = evaluate(engine.method.student, data, engine.device, engine.dtype, CLASSES)
     assert recorder.epochs[-1]["val/top1"] == scores["val/top1"]
     if method == "dml":
         assert "val/peer1/top1" in recorder.epochs[-1] and "train/kl_peer1" in recorder.epochs[-1]
@@ -144,7 +148,8 @@ def test_evaluation_counts_top1_and_top5_as_by_hand(process_group):
         4, 6, 1, 1
     )
     labels = torch.tensor([0, 2, 5, 1])
-    scores = evaluate(torch.nn.Flatten(), [(logits, labels)], torch.device("cpu"), torch.float32, 6)
+    data = SimpleNamespace(val_batches=lambda: [(logits, labels)], inputs=lambda images, device: images)
+    scores = evaluate(torch.nn.Flatten(), data, torch.device("cpu"), torch.float32, 6)
     assert scores == {"val/top1": 0.25, "val/top5": 0.75}
 
 
@@ -171,9 +176,14 @@ def test_resuming_mid_epoch_ends_where_an_uninterrupted_run_ends(process_group, 
 
 
 def test_bf16_trains_on_cpu_with_finite_losses_and_learns(process_group):
+    """bf16 is autocast: convolutions compute in bf16, weights, BatchNorm and the optimizer stay fp32."""
     engine, data, recorder = make_engine(epochs=3, deepspeed={"precision": "bf16"}), Blobs(), Recorder()
+    images, labels = next(data.train_batches(0))
+    logits, _ = engine.ds(to_device(images, engine.device), labels)
+    assert logits.dtype == torch.bfloat16
     train(engine, data, recorder)
-    assert next(engine.method.student.parameters()).dtype == torch.bfloat16
+    assert {p.dtype for p in engine.method.parameters()} == {torch.float32}
+    assert {b.dtype for b in engine.method.buffers() if b.is_floating_point()} == {torch.float32}
     assert all(math.isfinite(loss) for loss in recorder.losses)
     assert recorder.epochs[-1]["train/loss"] < recorder.epochs[0]["train/loss"]
     assert recorder.epochs[-1]["val/top1"] > 0.6  # 4 classes: chance is 0.25

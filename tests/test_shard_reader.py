@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data import prepare_data
+from pipeline.data import NORMALIZATION, prepare_data
 from pipeline.data.loaders import open_data
 from pipeline.data.shard_reader import BadDataError, cut_ranges, range_lengths
 from pipeline.data.shards import read_manifest
@@ -64,7 +64,11 @@ def test_two_epochs_in_one_process_per_rank(jpeg_shards):
         orders.append([k for _, _, ks, _ in batches[0] for k in ks])
     assert orders[0] != orders[1]  # a new order every epoch
     images, labels = next(readers[0].train_batches(0))
-    assert images.dtype == torch.float32 and images.shape == (32, 3, 16, 16) and labels.max() < 8
+    assert images.dtype == torch.uint8 and images.shape == (32, 3, 16, 16) and labels.max() < 8
+    inputs = readers[0].inputs(images, torch.device("cpu"))  # normalized where the model runs
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION[prepared.normalization])
+    torch.testing.assert_close(inputs, (images / 255 - mean) / std)
+    assert inputs.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_augmenting_without_loader_workers_depends_on_the_epoch_not_on_what_ran_before(jpeg_shards):
@@ -181,7 +185,7 @@ def test_two_ray_train_ranks_with_two_loader_workers_each(ray_local, jpeg_shards
         val_keys = [k for _, _, keys, _ in data.keyed_val_batches() for k in keys]
         torch.manual_seed(0)
         model = build_model("resnet8", data.num_classes).eval()
-        top1 = evaluate(model, data.val_batches(), torch.device("cpu"), torch.float32, data.num_classes)["val/top1"]
+        top1 = evaluate(model, data, torch.device("cpu"), torch.float32, data.num_classes)["val/top1"]
         record = {"batches": batches, "val_keys": val_keys, "top1": top1}
         Path(config["out"], f"rank-{rank}.json").write_text(json.dumps(record))
 
@@ -207,7 +211,7 @@ def test_two_ray_train_ranks_with_two_loader_workers_each(ray_local, jpeg_shards
     hits = count = 0
     with torch.no_grad():
         for images, labels in single.val_batches():
-            hits += int((model(images).argmax(1) == labels).sum())
+            hits += int((model(single.inputs(images, torch.device("cpu"))).argmax(1) == labels).sum())
             count += len(labels)
     assert count == 352
     assert ranks[0]["top1"] == ranks[1]["top1"] == pytest.approx(hits / count, abs=1e-12)

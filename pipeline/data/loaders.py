@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 
 from pipeline.data import NORMALIZATION, PreparedData, uncompressed_fashion_mnist
 from pipeline.data.order import LOADER_CONTEXT, epoch_seed, loader_generator, own_random_stream
-from pipeline.data.shard_reader import ShardData, geometry
+from pipeline.data.shard_reader import ShardData, geometry, to_device
 from pipeline.data.shards import decode_image
 from pipeline.spec import DataSpec
 
@@ -33,7 +33,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 class StageData(Protocol):
     """Each epoch's batches are a function of (seed, epoch, rank): resuming at step k of an epoch replays the same
-    order and starts at batch k, so no sample is trained twice or skipped."""
+    order and starts at batch k, so no sample is trained twice or skipped. A batch's images become the model's input
+    through `inputs`, on the device where the model runs (the shard reader hands over uint8 pixels)."""
 
     num_classes: int
     skipped: int  # bad samples skipped in the current epoch (only shards can have them)
@@ -44,11 +45,17 @@ class StageData(Protocol):
 
     def val_batches(self) -> Iterator[Batch]: ...
 
+    def inputs(self, images: torch.Tensor, device: torch.device) -> torch.Tensor: ...
 
-def open_data(prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int) -> StageData:
-    """This rank's reader of the prepared data, with the job's batch size, loader workers and augmentation."""
+
+def open_data(
+    prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int, pin_memory: bool = False
+) -> StageData:
+    """This rank's reader of the prepared data, with the job's batch size, loader workers and augmentation.
+    `pin_memory` (for a GPU) has the loader workers' batches copied to page-locked memory: a copy from there to the
+    GPU runs beside the step, where one from ordinary memory first waits for every queued kernel."""
     reader = {"shards": ShardData, "imagefolder": FolderData}.get(prepared.kind, TensorData)
-    return reader(prepared, spec, seed, rank, world)
+    return reader(prepared, spec, seed, rank, world, pin_memory)
 
 
 def image_transforms(size: int, mean: tuple, std: tuple, train: bool) -> v2.Compose:
@@ -65,8 +72,9 @@ class TensorData:
     """The whole split as one uint8 N x 3 x H x W tensor: sampling, cropping and flipping are tensor ops."""
 
     skipped = 0
+    inputs = staticmethod(to_device)
 
-    def __init__(self, prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int):
+    def __init__(self, prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int, pin_memory: bool):
         self.train_x, self.train_y, self.val_x, self.val_y, self.num_classes = load_tensors(prepared)
         if prepared.train_subset:
             self.train_x, self.train_y = self.train_x[: prepared.train_subset], self.train_y[: prepared.train_subset]
@@ -131,8 +139,9 @@ class FolderData:
     """ImageNet layout: `path/train/<class>/*.jpg` and `path/val/<class>/*.jpg`."""
 
     skipped = 0
+    inputs = staticmethod(to_device)
 
-    def __init__(self, prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int):
+    def __init__(self, prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int, pin_memory: bool):
         mean, std = NORMALIZATION[prepared.normalization]
         root = Path(prepared.path)
         self.train = datasets.ImageFolder(
@@ -145,6 +154,7 @@ class FolderData:
         self.num_classes = len(self.train.classes)
         self.sampler = DistributedSampler(self.train, world, rank, shuffle=True, seed=seed, drop_last=True)
         self.batch_size, self.workers, self.seed, self.rank = spec.batch_size, spec.loader_workers, seed, rank
+        self.pin_memory = pin_memory
 
     def steps_per_epoch(self, epoch: int) -> int:
         return len(self.sampler) // self.batch_size
@@ -160,10 +170,12 @@ class FolderData:
             multiprocessing_context=LOADER_CONTEXT if self.workers else None,
             drop_last=True,
             generator=generator,
+            pin_memory=self.pin_memory,
         )
         batches = loader if self.workers else own_random_stream(loader, generator)
         return itertools.islice(batches, start, None)  # as for shards: a resumed epoch replays its first batches
 
     def val_batches(self) -> Iterator[Batch]:
         context = LOADER_CONTEXT if self.workers else None
-        return iter(DataLoader(self.val, self.batch_size, num_workers=self.workers, multiprocessing_context=context))
+        options = {"num_workers": self.workers, "multiprocessing_context": context, "pin_memory": self.pin_memory}
+        return iter(DataLoader(self.val, self.batch_size, **options))

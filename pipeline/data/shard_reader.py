@@ -133,8 +133,15 @@ def geometry(size: int, train: bool) -> v2.Compose:
     return v2.Compose(steps)
 
 
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on `device` in NHWC: convolutions then run NHWC, about 25% faster on CPU (oneDNN) and the layout
+    tensor cores want on GPU (parameters keep the default layout, which DeepSpeed's broadcast and ZeRO's flat
+    buffers expect). Asynchronous from page-locked memory."""
+    return images.to(device, memory_format=torch.channels_last, non_blocking=True)
+
+
 class ShardData:
-    def __init__(self, prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int):
+    def __init__(self, prepared: PreparedData, spec: DataSpec, seed: int, rank: int, world: int, pin_memory: bool):
         manifest = read_manifest(prepared.path)
         self.num_classes = len(manifest["classes"])
         self.folder, self.batch_size, self.workers = prepared.path, spec.batch_size, spec.loader_workers
@@ -143,10 +150,12 @@ class ShardData:
         self.train_shards = [(s["name"], s["count"]) for s in manifest["splits"]["train"]["shards"]]
         val_shards = [(s["name"], s["count"]) for s in manifest["splits"]["val"]["shards"]]
         self.val_ranges = self._rank_ranges(val_shards, 1)  # the same every epoch; batch 1: every sample dealt out
-        # uint8 tensors out of the workers (a quarter of float32's bytes to move); one float conversion per batch
+        # uint8 batches out of the workers and onto the device: a quarter of float32's bytes to move, and the float
+        # conversion runs where the model does (on a GPU, a CPU pass over every batch capped the reader's rate)
         self.train_tf, self.val_tf = (geometry(prepared.image_size, t) for t in (spec.augment, False))
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION[prepared.normalization])
         self.scale, self.shift = 1 / (255 * std), -mean / std
+        self.pin_memory = pin_memory
         self.skipped = 0  # samples skipped in the current epoch's batches (bad_samples: skip)
 
     def steps_per_epoch(self, epoch: int) -> int:
@@ -170,7 +179,12 @@ class ShardData:
         pipeline = wds.DataPipeline(*stages)
         context = LOADER_CONTEXT if self.workers else None
         loader = wds.WebLoader(
-            pipeline, batch_size=None, num_workers=self.workers, generator=generator, multiprocessing_context=context
+            pipeline,
+            batch_size=None,
+            num_workers=self.workers,
+            generator=generator,
+            multiprocessing_context=context,
+            pin_memory=self.pin_memory,
         )
         return own_random_stream(loader, generator) if generator is not None and not self.workers else loader
 
@@ -187,21 +201,27 @@ class ShardData:
     def keyed_val_batches(self) -> Iterator[tuple]:
         return iter(self._batches(self.val_ranges, self.val_tf, False))
 
-    def _normalized(self, batches: Iterable[tuple], expected: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _counted(self, batches: Iterable[tuple], expected: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         read = 0
         for images, labels, _, flags in batches:
             read += int(flags.sum())
-            yield images.float().mul_(self.scale).add_(self.shift), labels
+            yield images, labels
         self.skipped += expected - read
+
+    def inputs(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """uint8 pixels to normalized float32 on `device`."""
+        if self.scale.device.type != device.type:  # once: each copy from ordinary memory waits for the GPU
+            self.scale, self.shift = self.scale.to(device), self.shift.to(device)
+        return to_device(images, device).float().mul_(self.scale).add_(self.shift)
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped = 0
         expected = (self.steps_per_epoch(epoch) - start) * self.batch_size
-        return self._normalized(self.keyed_train_batches(epoch, start), expected)
+        return self._counted(self.keyed_train_batches(epoch, start), expected)
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         expected = sum(end - first for pieces in self.val_ranges for _, first, end in pieces)
-        return self._normalized(self.keyed_val_batches(), expected)
+        return self._counted(self.keyed_val_batches(), expected)
 
 
 def read_samples(
