@@ -175,9 +175,11 @@ def test_resuming_mid_epoch_ends_where_an_uninterrupted_run_ends(process_group, 
         torch.testing.assert_close(value, uninterrupted[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_bf16_trains_on_cpu_with_finite_losses_and_learns(process_group):
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_bf16_trains_on_cpu_with_finite_losses_and_learns(process_group, zero_stage):
     """bf16 is autocast: convolutions compute in bf16, weights, BatchNorm and the optimizer stay fp32."""
-    engine, data, recorder = make_engine(epochs=3, deepspeed={"precision": "bf16"}), Blobs(), Recorder()
+    engine = make_engine(epochs=3, deepspeed={"precision": "bf16", "zero_stage": zero_stage})
+    data, recorder = Blobs(), Recorder()
     images, labels = next(data.train_batches(0))
     logits, _ = engine.ds(to_device(images, engine.device), labels)
     assert logits.dtype == torch.bfloat16
