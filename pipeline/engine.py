@@ -90,7 +90,7 @@ def deepspeed_config(stage: StageSpec, batch_size: int, world: int) -> dict:
         "gradient_clipping": ds.gradient_clipping,
         "zero_optimization": {"stage": ds.zero_stage},
         "zero_allow_untested_optimizer": True,  # our optimisers are plain torch ones, passed in
-        "torch_autocast": {"enabled": ds.precision != "fp32", "dtype": str(PRECISIONS[ds.precision]).split(".")[1]},
+        "torch_autocast": {"enabled": ds.precision != "fp32", "dtype": ds.precision},  # DeepSpeed reads fp32/bf16/fp16
         "steps_per_print": 1 << 30,
     }
 
