@@ -37,7 +37,7 @@ class Watch:
     whether every step's loss was finite (reading it each step would wait for the step)."""
 
     def __init__(self, label: str, device: torch.device):
-        self.label, self.finite, self.started = label, torch.ones((), dtype=torch.bool, device=device), 0.0
+        self.label, self.finite = label, torch.ones((), dtype=torch.bool, device=device)
         self.epochs: list[dict[str, float]] = []
 
     def due(self, global_step: int) -> bool:

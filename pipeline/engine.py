@@ -117,14 +117,12 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, data: StageData, device: torch.device, dtype: torch.dtype, num_classes: int
-) -> dict[str, float]:
+def evaluate(model: nn.Module, data: StageData, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Top-1/top-k over the held-out split; each rank scores its own disjoint part and the counts are summed."""
     if dist.is_initialized() and dist.get_world_size() > 1:  # every rank evaluates rank 0's BN statistics: the
         for buffer in model.buffers():  # weights that get saved
             dist.broadcast(buffer, 0)
-    k = min(5, num_classes)
+    k = min(5, data.num_classes)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for images, labels in data.val_batches():
         with autocast(device, dtype):
@@ -172,9 +170,9 @@ class Engine:
 
     def evaluate_all(self, data: StageData) -> dict[str, float]:
         """The student's scores, and each peer's under `val/<peer>/`."""
-        metrics = evaluate(self.method.student, data, self.device, self.dtype, data.num_classes)
+        metrics = evaluate(self.method.student, data, self.device, self.dtype)
         for peer, (_, network) in self.method.peers().items():
-            scores = evaluate(network, data, self.device, self.dtype, data.num_classes)
+            scores = evaluate(network, data, self.device, self.dtype)
             metrics.update({key.replace("val/", f"val/{peer}/"): value for key, value in scores.items()})
         return metrics
 

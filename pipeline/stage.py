@@ -163,10 +163,12 @@ def cached_teachers(
 
 
 @torch.no_grad()
-def log_teacher_probe(tracker: Tracker, task: StageTask, teachers: list[nn.Module], data: StageData, engine) -> None:
+def log_teacher_probe(
+    tracker: Tracker, task: StageTask, teachers: list[nn.Module], data: StageData, device: torch.device
+) -> None:
     """Record what each loaded teacher outputs on a fixed held-out batch: provenance a user (or a test) can check
     against the teacher stage's own saved weights."""
-    images = data.inputs(next(iter(data.val_batches()))[0][:PROBE_SIZE], engine.device)
+    images = data.inputs(next(iter(data.val_batches()))[0][:PROBE_SIZE], device)
     probe = {"images": images.float().cpu().contiguous()}  # safetensors stores the default layout only
     probe.update({ref.stage: t(images).float().cpu() for ref, t in zip(task.teachers, teachers, strict=True)})
     with tempfile.TemporaryDirectory() as folder:
@@ -203,7 +205,7 @@ def stage_loop(config: dict) -> None:
     method = method_cls(student, cached or teachers, method_cls.Params.model_validate(stage.params), **setting)
     engine = Engine(method, stage, task.reading.batch_size, device)
     if rank == 0 and teachers:
-        log_teacher_probe(tracker, task, teachers, data, engine)
+        log_teacher_probe(tracker, task, teachers, data, device)
     sink = StageCheckpoints(task, tracker, engine)
     start = sink.restore()
     log, progress = RunLog(tracker, task.run_id, stage, rank), BoardProgress(task.job, stage, rank)

@@ -136,7 +136,7 @@ def test_the_epoch_loop_logs_the_means_of_its_steps_and_the_lr_of_each_step(proc
         assert metrics["train/loss"] == pytest.approx(sum(recorder.losses[epoch * steps : (epoch + 1) * steps]) / steps)
         assert metrics["lr"] == pytest.approx(0.1 * lr_factor(ScheduleSpec(), epoch + 1, 2))
         assert metrics["global_step"] == (epoch + 1) * steps and metrics["images_per_second"] > 0
-    scores = evaluate(engine.method.student, data, engine.device, engine.dtype, CLASSES)
+    scores = evaluate(engine.method.student, data, engine.device, engine.dtype)
     assert recorder.epochs[-1]["val/top1"] == scores["val/top1"]
     if method == "dml":
         assert "val/peer1/top1" in recorder.epochs[-1] and "train/kl_peer1" in recorder.epochs[-1]
@@ -148,8 +148,8 @@ def test_evaluation_counts_top1_and_top5_as_by_hand(process_group):
         4, 6, 1, 1
     )
     labels = torch.tensor([0, 2, 5, 1])
-    data = SimpleNamespace(val_batches=lambda: [(logits, labels)], inputs=lambda images, device: images)
-    scores = evaluate(torch.nn.Flatten(), data, torch.device("cpu"), torch.float32, 6)
+    data = SimpleNamespace(val_batches=lambda: [(logits, labels)], inputs=lambda images, device: images, num_classes=6)
+    scores = evaluate(torch.nn.Flatten(), data, torch.device("cpu"), torch.float32)
     assert scores == {"val/top1": 0.25, "val/top5": 0.75}
 
 

@@ -185,7 +185,7 @@ def test_two_ray_train_ranks_with_two_loader_workers_each(ray_local, jpeg_shards
         val_keys = [k for _, _, keys, _ in data.keyed_val_batches() for k in keys]
         torch.manual_seed(0)
         model = build_model("resnet8", data.num_classes).eval()
-        top1 = evaluate(model, data, torch.device("cpu"), torch.float32, data.num_classes)["val/top1"]
+        top1 = evaluate(model, data, torch.device("cpu"), torch.float32)["val/top1"]
         record = {"batches": batches, "val_keys": val_keys, "top1": top1}
         Path(config["out"], f"rank-{rank}.json").write_text(json.dumps(record))
 

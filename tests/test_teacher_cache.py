@@ -74,7 +74,7 @@ def distil(
     engine, recorder = Engine(module, spec, BATCH, torch.device("cpu")), Recorder()
     recorder.engine = engine
     engine.train(data, Position(0, 0, 0), recorder, recorder, recorder, **({"teachers": caches} if caches else {}))
-    top1 = evaluate(engine.method.student, data, engine.device, engine.dtype, CLASSES)["val/top1"]
+    top1 = evaluate(engine.method.student, data, engine.device, engine.dtype)["val/top1"]
     return recorder, top1, sum(t.calls for t in counted)
 
 
