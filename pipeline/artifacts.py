@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pipeline.checkpoint import POSITION
 from pipeline.models import WEIGHTS_FILE
-from pipeline.tracking import Tracker
+from pipeline.tracking import RunArtifacts
 
 WEIGHTS, PEERS, CHECKPOINTS, TEACHERS, PLOTS = "weights", "peers", "checkpoints", "teachers", "plots"
 PROBE_FILE = "probe.safetensors"
@@ -28,14 +28,14 @@ def checkpoint_folder(name: str) -> str:
     return f"{CHECKPOINTS}/{name}"
 
 
-def stored_checkpoints(tracker: Tracker, run_id: str) -> list[str]:
+def stored_checkpoints(files: RunArtifacts) -> list[str]:
     """Names of the run's complete checkpoints (rank 0 stores the position file last), oldest first."""
-    return sorted(tracker.folders_holding(run_id, CHECKPOINTS, POSITION))
+    return sorted(files.folders_holding(CHECKPOINTS, POSITION))
 
 
-def prune_checkpoints(tracker: Tracker, run_id: str, keep: int) -> None:
+def prune_checkpoints(files: RunArtifacts, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (and any broken upload older than them)."""
-    kept = stored_checkpoints(tracker, run_id)[-keep:]
-    stale = [name for name in tracker.list_folder(run_id, CHECKPOINTS) if kept and name < kept[0]]
+    kept = stored_checkpoints(files)[-keep:]
+    stale = [name for name in files.list_folder(CHECKPOINTS) if kept and name < kept[0]]
     if stale:
-        tracker.delete_artifacts(run_id, [checkpoint_folder(name) for name in stale])
+        files.delete([checkpoint_folder(name) for name in stale])

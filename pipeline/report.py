@@ -128,5 +128,5 @@ def log_report(
             from pipeline.plots import plot_report  # matplotlib: a second or so to import
 
             files.append(plot_report(results, baseline, title, Path(folder) / "report.png"))
-        tracker.log_files(job_run, files, REPORT)
+        tracker.artifacts(job_run).log_files(files, REPORT)
     return text

@@ -238,7 +238,7 @@ class JobRunner:
         if run_is_live(interrupted):
             outcome.status, outcome.run_id = "waiting", run_id
             outcome.error = f"run {run_id} is being trained {Lease.of(interrupted).describe()}"
-        elif artifacts.stored_checkpoints(tracker, run_id) or storage_holds(
+        elif artifacts.stored_checkpoints(tracker.artifacts(run_id)) or storage_holds(
             self.storage, ray_run_name(self.job.name, outcome.name, run_id)
         ):
             outcome.run_id, outcome.resumed = run_id, True
@@ -281,6 +281,8 @@ class JobRunner:
         try:
             if not self.claim(outcome, stage.config, teacher_runs):
                 return
+            teachers = tuple(TeacherRef(t, run, tracker.artifact_uri(run)) for t, run in teacher_runs.items())
+            artifact_uri = tracker.artifact_uri(outcome.run_id)
         except TrackingError as err:
             outcome.status, outcome.error = "failed", str(err)
             return
@@ -291,9 +293,10 @@ class JobRunner:
             stage.config,
             self.data,
             job.data,
-            tuple(TeacherRef(t, run) for t, run in teacher_runs.items()),
+            teachers,
             tracker.uri,
             outcome.run_id,
+            artifact_uri,
             stage.seed,
             job.checkpoint,
             *teacher_cache_settings(stage.teacher_cache(job), job.workdir),

@@ -131,7 +131,8 @@ def run_trial(config: dict, search: SearchTask) -> None:
         run_id = tracker.start_trial_run(
             search.experiment_id, task.run_id, task.job, task.config["name"], trial_id, values, trial.config
         )
-    trial_task = dataclasses.replace(task, config=trial.config, run_id=run_id)
+    artifact_uri = tracker.artifact_uri(run_id)
+    trial_task = dataclasses.replace(task, config=trial.config, run_id=run_id, artifact_uri=artifact_uri)
     # A failure ends the run FAILED on the driver (`TrialLog`): here, a trial stopped by ASHA can fail as it goes.
     launch_stage(
         trial_task, search.workers, search.storage, search.checkpoint, [EpochResults(spec.metric, search.epochs)]
@@ -300,10 +301,11 @@ def record_search(search: SearchTask, trial_ids: set[str]) -> dict[str, Any]:
     best = max(finished, key=lambda run: sign * run.data.metrics[spec.metric])
     values = json.loads(best.data.tags[TAG_VALUES])
     best_id = best.info.run_id
-    peers = [artifacts.weights_folder(peer) for peer in tracker.list_folder(best_id, artifacts.PEERS)]
+    best_files, stage_files = tracker.artifacts(best_id), tracker.artifacts(task.run_id)
+    peers = [artifacts.weights_folder(peer) for peer in best_files.list_folder(artifacts.PEERS)]
     for folder in [artifacts.WEIGHTS, *peers]:
-        with tracker.downloaded(best_id, folder) as local:
-            tracker.log_folder(task.run_id, local, folder)
+        with best_files.downloaded(folder) as local:
+            stage_files.log_folder(local, folder)
     tracker.log_metrics(task.run_id, dict(best.data.metrics), step=search.epochs - 1)
     tracker.set_tags(task.run_id, {TAG_BEST_TRIAL: best_id, TAG_VALUES: best.data.tags[TAG_VALUES]})
     tracker.log_params(task.run_id, {f"{CHOSEN}{path}": value for path, value in values.items()})
@@ -327,4 +329,4 @@ def plot_search(tracker: Tracker, task: StageTask, spec: SearchSpec, runs: list)
     with tempfile.TemporaryDirectory() as folder:
         epochs_plot = plot_search_epochs(trials, spec.metric, task.config["name"], Path(folder) / "search_epochs.png")
         values_plot = plot_search_values(trials, spec.metric, task.config["name"], Path(folder) / "search_values.png")
-        tracker.log_files(task.run_id, [epochs_plot, values_plot], artifacts.PLOTS)
+        tracker.artifacts(task.run_id).log_files([epochs_plot, values_plot], artifacts.PLOTS)

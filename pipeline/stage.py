@@ -8,13 +8,13 @@ and a progress reporter.
 
 The sink writes each checkpoint once as a folder and hands it both to Ray Train (`ray.train.report`: worker
 restarts) and to the stage's MLflow run (a later `kdpipe run` anywhere); rank 0 logs each epoch's metrics and the
-method's plot, and reports progress to the driver's board.
+method's plot, and reports progress to the driver's board. Every rank moves files through the run's artifact URI
+(`RunArtifacts`); rank 0 alone opens the tracking store, for metrics and tags.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,17 +43,17 @@ from pipeline.progress import report_progress
 from pipeline.spec import StageSpec
 from pipeline.task import StageTask, TeacherRef
 from pipeline.teacher_cache import CachedTeacher, Exact, TeacherCache, TeacherCaches, TopK
-from pipeline.tracking import TAG_CHECKPOINT, TAG_NODE, TAG_RESUMED, Tracker
+from pipeline.tracking import TAG_CHECKPOINT, TAG_NODE, TAG_RESUMED, RunArtifacts, Tracker
 
 PROBE_SIZE = 16
 PROGRESS_EVERY = 10  # steps between progress reports (each reads the loss: a device sync)
 
 
 class StageCheckpoints:
-    """The engine's checkpoint sink: Ray Train and the stage's MLflow run."""
+    """The engine's checkpoint sink: Ray Train and the stage's MLflow run (`tracker`: rank 0's, None elsewhere)."""
 
-    def __init__(self, task: StageTask, tracker: Tracker, engine: Engine):
-        self.task, self.tracker, self.engine = task, tracker, engine
+    def __init__(self, task: StageTask, files: RunArtifacts, tracker: Tracker | None, engine: Engine):
+        self.task, self.files, self.tracker, self.engine = task, files, tracker, engine
         self.clock = CheckpointClock(task.checkpoint, 0, engine.device)
 
     def due(self, global_step: int) -> bool:
@@ -62,57 +62,56 @@ class StageCheckpoints:
     def save(self, position: Position, metrics: dict[str, float]) -> None:
         """Every rank hands its part to Ray Train (one merged checkpoint folder), then to the MLflow run: rank 0
         uploads the position file last, after a barrier, so a checkpoint with one is complete."""
-        rank, run_id, folder = self.engine.rank, self.task.run_id, artifacts.checkpoint_folder(position.name)
+        rank, folder = self.engine.rank, artifacts.checkpoint_folder(position.name)
         with tempfile.TemporaryDirectory() as local:
-            files = write_state(Path(local), self.engine.method, self.engine.optimizer, position, rank)
+            written = write_state(Path(local), self.engine.method, self.engine.optimizer, position, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local))
-            self.tracker.log_files(run_id, files[:1], folder)
+            self.files.log_files(written[:1], folder)
             torch.distributed.barrier()
-            if rank == 0:
-                self.tracker.log_files(run_id, files[1:], folder)
-                self.tracker.set_tags(run_id, {TAG_CHECKPOINT: position.name})
-                artifacts.prune_checkpoints(self.tracker, run_id, self.task.checkpoint.keep)
+            if self.tracker is not None:
+                self.files.log_files(written[1:], folder)
+                self.tracker.set_tags(self.task.run_id, {TAG_CHECKPOINT: position.name})
+                artifacts.prune_checkpoints(self.files, self.task.checkpoint.keep)
         self.clock.saved(position.global_step)
 
     def restore(self) -> Position:
         """Where training starts: the newer of Ray Train's latest checkpoint of this run (a worker restart, or a
         rerun on the same storage) and the newest complete checkpoint in the stage's MLflow run (a rerun anywhere;
         or a restart whose last report Ray Train had not yet registered), else the beginning. Rank 0 chooses."""
-        engine, run_id = self.engine, self.task.run_id
+        engine = self.engine
         checkpoint = ray.train.get_checkpoint()
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as local:
             choice: list = [None]
             if engine.rank == 0:
-                stored = artifacts.stored_checkpoints(self.tracker, run_id)
+                stored = artifacts.stored_checkpoints(self.files)
                 newest_local = read_position(Path(local)).name if local else ""
                 choice = [stored[-1] if stored and stored[-1] > newest_local else None]
             torch.distributed.broadcast_object_list(choice, 0)
             if choice[0] is not None:
                 names = [POSITION, MODEL, rank_file(engine.rank)]
-                folder = self.tracker.download_files(run_id, artifacts.checkpoint_folder(choice[0]), names)
-                position = read_state(folder, engine.method, engine.optimizer, engine.rank, engine.device)
-                shutil.rmtree(folder)
+                with self.files.downloaded(artifacts.checkpoint_folder(choice[0]), names) as folder:
+                    position = read_state(folder, engine.method, engine.optimizer, engine.rank, engine.device)
                 source = "MLflow artifact"
             elif local:
                 position = read_state(Path(local), engine.method, engine.optimizer, engine.rank, engine.device)
                 source = "Ray Train checkpoint"
             else:
                 return Position(0, 0, 0)
-        if engine.rank == 0:
-            self.tracker.set_tags(run_id, {TAG_RESUMED: f"{position.name} ({source})"})
+        if self.tracker is not None:
+            self.tracker.set_tags(self.task.run_id, {TAG_RESUMED: f"{position.name} ({source})"})
         self.clock.saved(position.global_step)
         return position
 
 
 class RunLog:
     """The engine's epoch log: rank 0 writes each epoch's metrics to the MLflow run, and the method's per-epoch
-    values (a schedule, learned weights) so far as `plots/<method>.png`."""
+    values (a schedule, learned weights) so far as `plots/<method>.png` (`tracker`: rank 0's, None elsewhere)."""
 
-    def __init__(self, tracker: Tracker, run_id: str, stage: StageSpec, rank: int):
-        self.tracker, self.run_id, self.stage, self.rank = tracker, run_id, stage, rank
+    def __init__(self, tracker: Tracker | None, files: RunArtifacts, run_id: str, stage: StageSpec):
+        self.tracker, self.files, self.run_id, self.stage = tracker, files, run_id, stage
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], method_values: dict[str, float]) -> None:
-        if self.rank != 0:
+        if self.tracker is None:
             return
         self.tracker.log_metrics(self.run_id, metrics, step=epoch)
         if method_values:
@@ -122,7 +121,7 @@ class RunLog:
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / f"{self.stage.method}.png"
                 plot_per_epoch(history, f"{self.stage.name}: {self.stage.method}", path)
-                self.tracker.log_files(self.run_id, [path], artifacts.PLOTS)
+                self.files.log_files([path], artifacts.PLOTS)
 
 
 class BoardProgress:
@@ -142,10 +141,10 @@ class BoardProgress:
             report_progress(self.job, self.stage.name, top1=metrics["val/top1"], **fields)
 
 
-def load_teacher(tracker: Tracker, ref: TeacherRef, device: torch.device) -> nn.Module:
+def load_teacher(ref: TeacherRef, tracking_uri: str, device: torch.device) -> nn.Module:
     """A teacher stage's final weights, frozen and in eval mode (BN running statistics) from the start; fp32, run
     under the stage's autocast like the student."""
-    with tracker.downloaded(ref.run_id, artifacts.WEIGHTS) as folder:
+    with RunArtifacts(ref.artifact_uri, tracking_uri).downloaded(artifacts.WEIGHTS) as folder:
         teacher = load_weights(folder)
     return teacher.to(device).eval().requires_grad_(False)
 
@@ -164,7 +163,7 @@ def cached_teachers(
 
 @torch.no_grad()
 def log_teacher_probe(
-    tracker: Tracker, task: StageTask, teachers: list[nn.Module], data: StageData, device: torch.device
+    files: RunArtifacts, task: StageTask, teachers: list[nn.Module], data: StageData, device: torch.device
 ) -> None:
     """Record what each loaded teacher outputs on a fixed held-out batch: provenance a user (or a test) can check
     against the teacher stage's own saved weights."""
@@ -173,16 +172,16 @@ def log_teacher_probe(
     probe.update({ref.stage: t(images).float().cpu() for ref, t in zip(task.teachers, teachers, strict=True)})
     with tempfile.TemporaryDirectory() as folder:
         save_file(probe, str(Path(folder) / artifacts.PROBE_FILE))
-        tracker.log_files(task.run_id, [Path(folder) / artifacts.PROBE_FILE], artifacts.TEACHERS)
+        files.log_files([Path(folder) / artifacts.PROBE_FILE], artifacts.TEACHERS)
 
 
-def save_final_weights(tracker: Tracker, run_id: str, stage: StageSpec, engine: Engine, num_classes: int) -> None:
+def save_final_weights(files: RunArtifacts, stage: StageSpec, engine: Engine, num_classes: int) -> None:
     """The student's weights, and each peer's: safetensors and the facts needed to rebuild the module."""
     networks = {"": (stage.model, engine.method.student), **engine.method.peers()}
     for peer, (model, network) in networks.items():
         with tempfile.TemporaryDirectory() as folder:
             save_weights(network, model, num_classes, Path(folder))
-            tracker.log_folder(run_id, Path(folder), artifacts.weights_folder(peer))
+            files.log_folder(Path(folder), artifacts.weights_folder(peer))
 
 
 def stage_loop(config: dict) -> None:
@@ -193,25 +192,29 @@ def stage_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(task.seed)  # the same initial weights on every rank (DeepSpeed broadcasts rank 0's too)
-    tracker = Tracker(task.tracking_uri)
-    tracker.set_tags(task.run_id, {f"{TAG_NODE}.{rank}": ray.get_runtime_context().get_node_id()})
+    nodes: list = [None] * world
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    files, tracker = RunArtifacts(task.artifact_uri, task.tracking_uri), None
+    if rank == 0:
+        tracker = Tracker(task.tracking_uri)
+        tracker.set_tags(task.run_id, {f"{TAG_NODE}.{r}": node for r, node in enumerate(nodes)})
 
     data = open_data(task.data, task.reading, task.seed, rank, world, pin_memory=device.type == "cuda")
     student = build_model(stage.model, data.num_classes)  # first: its initial weights depend on the seed alone
-    teachers = [load_teacher(tracker, ref, device) for ref in task.teachers]
+    teachers = [load_teacher(ref, task.tracking_uri, device) for ref in task.teachers]
     cached = cached_teachers(task, teachers, rank, world, data.num_classes)
     method_cls = METHODS[stage.method]
     setting = {"model": stage.model, "num_classes": data.num_classes, "image_size": task.reading.image_size}
     method = method_cls(student, cached or teachers, method_cls.Params.model_validate(stage.params), **setting)
     engine = Engine(method, stage, task.reading.batch_size, device)
     if rank == 0 and teachers:
-        log_teacher_probe(tracker, task, teachers, data, device)
-    sink = StageCheckpoints(task, tracker, engine)
+        log_teacher_probe(files, task, teachers, data, device)
+    sink = StageCheckpoints(task, files, tracker, engine)
     start = sink.restore()
-    log, progress = RunLog(tracker, task.run_id, stage, rank), BoardProgress(task.job, stage, rank)
+    log, progress = RunLog(tracker, files, task.run_id, stage), BoardProgress(task.job, stage, rank)
     engine.train(data, start, sink, log, progress, TeacherCaches(cached))
     if rank == 0:  # after the loop: a stage resumed from its very last checkpoint still stores its weights
-        save_final_weights(tracker, task.run_id, stage, engine, data.num_classes)
+        save_final_weights(files, stage, engine, data.num_classes)
 
 
 @torch.inference_mode()
@@ -222,9 +225,8 @@ def fill_teacher_cache(task: StageTask, rank: int, world: int) -> dict[str, floa
     stage = StageSpec.model_validate(task.config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray shows a task its own GPUs only
     dtype = PRECISIONS[stage.deepspeed.precision]
-    tracker = Tracker(task.tracking_uri)
     data = open_data(task.data, task.reading, task.seed, rank, world, pin_memory=device.type == "cuda")
-    teachers = [load_teacher(tracker, ref, device) for ref in task.teachers]
+    teachers = [load_teacher(ref, task.tracking_uri, device) for ref in task.teachers]
     caches = TeacherCaches(cached_teachers(task, teachers, rank, world, data.num_classes))
     counts: dict[str, float] = {}
     for epoch in range(stage.epochs):

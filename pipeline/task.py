@@ -16,6 +16,7 @@ from pipeline.spec import CheckpointSpec, DataSpec
 class TeacherRef:
     stage: str
     run_id: str  # the teacher stage's MLflow run, which holds its final weights
+    artifact_uri: str  # that run's artifacts: workers download the weights without opening the tracking store
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class StageTask:
     teachers: tuple[TeacherRef, ...]
     tracking_uri: str
     run_id: str
+    artifact_uri: str  # the run's artifacts, which every rank writes its part of a checkpoint to
     seed: int
     checkpoint: CheckpointSpec
     teacher_cache: str = ""  # the teacher-output cache's root folder or URL; empty: the teachers run online

@@ -3,7 +3,8 @@ metrics, fingerprint tags, and artifacts moved as files and folders. The reuse a
 place; what the artifacts are is `pipeline.artifacts`'s business, not this module's.
 
 Runs are addressed through an explicit `MlflowClient`, never MLflow's global "active run", so the driver and every
-Ray worker can log to the same run at once.
+Ray worker can log to the same run at once. A run's files move through `RunArtifacts`, which needs the run's
+artifact URI alone: of a stage's ranks, only rank 0 (metrics and tags) opens the tracking store.
 """
 
 from __future__ import annotations
@@ -111,14 +112,15 @@ def naming_uri(uri: str):
         raise TrackingError(f"MLflow tracking at {uri} failed: {reason[:300]}") from None
 
 
-class GuardedClient:
-    """An `MlflowClient` whose every failing call raises a `TrackingError` naming the tracking URI."""
+class Guarded:
+    """An MLflow client or artifact repository whose every failing call raises a `TrackingError` naming the
+    tracking URI."""
 
-    def __init__(self, uri: str):
-        self.uri, self._client = uri, MlflowClient(uri)
+    def __init__(self, target, uri: str):
+        self.uri, self._target = uri, target
 
     def __getattr__(self, name: str):
-        method = getattr(self._client, name)
+        method = getattr(self._target, name)
         if not callable(method):
             return method
 
@@ -127,6 +129,53 @@ class GuardedClient:
                 return method(*args, **kwargs)
 
         return call
+
+
+class RunArtifacts:
+    """One run's artifact files, reached through its artifact URI alone. Moving files needs no tracking store, so a
+    Ray worker that only uploads its part of a checkpoint or downloads a teacher never opens the SQL store (a
+    second of imports and mapper set-up in every process) nor asks the server for the run."""
+
+    def __init__(self, artifact_uri: str, tracking_uri: str):
+        uri = resolve_uri(tracking_uri)
+        with naming_uri(uri):  # an `mlflow-artifacts:` location is resolved against the tracking server
+            self.repository = Guarded(get_artifact_repository(artifact_uri, tracking_uri=uri), uri)
+
+    def holds(self, path: str) -> bool:
+        """Whether the run has the artifact file `path`."""
+        folder = str(Path(path).parent)
+        return path in {a.path for a in self.repository.list_artifacts(None if folder == "." else folder)}
+
+    def folders_holding(self, parent: str, file: str) -> list[str]:
+        """Names of the folders under `parent` that hold a file named `file`."""
+        return [
+            Path(folder.path).name
+            for folder in self.repository.list_artifacts(parent)
+            if folder.is_dir and self.holds(f"{folder.path}/{file}")
+        ]
+
+    def list_folder(self, folder: str) -> list[str]:
+        """Names of the entries of an artifact folder."""
+        return [Path(a.path).name for a in self.repository.list_artifacts(folder)]
+
+    def log_files(self, files: list[Path], folder: str) -> None:
+        for path in files:
+            self.repository.log_artifact(str(path), folder)
+
+    def log_folder(self, local: Path, folder: str) -> None:
+        self.repository.log_artifacts(str(local), folder)
+
+    def delete(self, paths: list[str]) -> None:
+        for path in paths:
+            self.repository.delete_artifacts(path)
+
+    @contextlib.contextmanager
+    def downloaded(self, folder: str, names: Sequence[str] = ()) -> Iterator[Path]:
+        """An artifact folder, or only its files `names`, downloaded to a local folder removed after the block."""
+        with tempfile.TemporaryDirectory(prefix="kdpipe-artifacts-") as target:
+            for path in [f"{folder}/{name}" for name in names] or [folder]:
+                self.repository.download_artifacts(path, target)  # to target/<path>
+            yield Path(target) / folder
 
 
 def resolve_uri(uri: str) -> str:
@@ -160,7 +209,7 @@ class Tracker:
     def __init__(self, uri: str):
         self.uri = resolve_uri(uri)
         with store_creation_lock(self.uri):
-            self.client = GuardedClient(self.uri)
+            self.client = Guarded(MlflowClient(self.uri), self.uri)
 
     def experiment_id(self, name: str) -> str:
         """Get or create the experiment; a sqlite store keeps artifacts beside its database file."""
@@ -252,7 +301,7 @@ class Tracker:
             order_by=["attributes.start_time DESC"],
         )
         for run in runs:
-            if self.holds(run.info.run_id, result):
+            if RunArtifacts(run.info.artifact_uri, self.uri).holds(result):
                 return run.info.run_id, dict(run.data.metrics)
         return None
 
@@ -288,6 +337,12 @@ class Tracker:
     def get_run(self, run_id: str) -> Run:
         return self.client.get_run(run_id)
 
+    def artifact_uri(self, run_id: str) -> str:
+        return self.get_run(run_id).info.artifact_uri
+
+    def artifacts(self, run_id: str) -> RunArtifacts:
+        return RunArtifacts(self.artifact_uri(run_id), self.uri)
+
     def discard(self, run_id: str) -> None:
         """A run created at the same moment as another driver's run of the same stage, which trains instead."""
         self.client.delete_run(run_id)
@@ -313,45 +368,6 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         self.set_tags(parent_id, {f"kdpipe.resumed.{stage}": run_id})
 
-    def holds(self, run_id: str, path: str) -> bool:
-        """Whether the run has the artifact file `path`."""
-        folder = str(Path(path).parent)
-        return path in {a.path for a in self.client.list_artifacts(run_id, None if folder == "." else folder)}
-
-    def folders_holding(self, run_id: str, parent: str, file: str) -> list[str]:
-        """Names of the folders under `parent` that hold a file named `file`."""
-        return [
-            Path(folder.path).name
-            for folder in self.client.list_artifacts(run_id, parent)
-            if folder.is_dir and self.holds(run_id, f"{folder.path}/{file}")
-        ]
-
-    def list_folder(self, run_id: str, folder: str) -> list[str]:
-        """Names of the entries of an artifact folder."""
-        return [Path(a.path).name for a in self.client.list_artifacts(run_id, folder)]
-
-    def log_files(self, run_id: str, files: list[Path], folder: str) -> None:
-        for path in files:
-            self.client.log_artifact(run_id, str(path), folder)
-
-    def log_folder(self, run_id: str, local: Path, folder: str) -> None:
-        self.client.log_artifacts(run_id, str(local), folder)
-
-    def delete_artifacts(self, run_id: str, paths: list[str]) -> None:
-        with naming_uri(self.uri):
-            artifact_uri = self.client.get_run(run_id).info.artifact_uri
-            # Name the tracking URI: an `mlflow-artifacts:` location is resolved against it, not the global one.
-            repository = get_artifact_repository(artifact_uri, tracking_uri=self.uri)
-            for path in paths:
-                repository.delete_artifacts(path)
-
-    def download_files(self, run_id: str, folder: str, names: list[str]) -> Path:
-        """Some files of an artifact folder, in a fresh local folder the caller removes."""
-        target = tempfile.mkdtemp(prefix="kdpipe-artifacts-")
-        for name in names:  # a file artifact downloads to target/<its name>
-            self.client.download_artifacts(run_id, f"{folder}/{name}", target)
-        return Path(target)
-
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         return dict(self.client.get_run(run_id).data.metrics)
 
@@ -368,12 +384,6 @@ class Tracker:
     def metric_history(self, run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
         """Every logged (step, value) of each metric: the epochs of an interrupted and resumed run included."""
         return {key: [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)] for key in keys}
-
-    @contextlib.contextmanager
-    def downloaded(self, run_id: str, folder: str) -> Iterator[Path]:
-        """An artifact folder, downloaded to a local folder that is removed after the block."""
-        with tempfile.TemporaryDirectory(prefix="kdpipe-artifacts-") as target:
-            yield Path(self.client.download_artifacts(run_id, folder, target))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)

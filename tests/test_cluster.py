@@ -207,7 +207,9 @@ def test_submit_stop_and_resubmit_resumes_on_two_nodes(cluster, mlflow_login, tm
     while not any(cluster.storage.glob("*/ray/*-teacher-*/checkpoint_*/position.json")):
         assert time.monotonic() < deadline, cluster.kdpipe("logs", first_id, "--address", cluster.dashboard).stdout
         time.sleep(0.2)
-    while not any(artifacts.stored_checkpoints(mlflow_login, run.info.run_id) for run in teacher_runs(mlflow_login)):
+    while not any(
+        artifacts.stored_checkpoints(mlflow_login.artifacts(run.info.run_id)) for run in teacher_runs(mlflow_login)
+    ):
         assert time.monotonic() < deadline, "the checkpoint in Ray Train's storage never reached MLflow"
         time.sleep(0.2)
     stopped = cluster.kdpipe("stop", first_id, "--address", cluster.dashboard)

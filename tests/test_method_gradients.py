@@ -132,7 +132,9 @@ def test_per_epoch_values_are_logged_and_plotted_into_the_run(tmp_path, name, ke
         if name == "adaptive":
             with torch.no_grad():
                 method.log_vars.fill_(-0.5 * epoch)  # as if training had moved a
-        RunLog(tracker, run, stage, rank=0).log_epoch(epoch, method.epoch_metrics(), method.epoch_metrics())
+        RunLog(tracker, tracker.artifacts(run), run, stage).log_epoch(
+            epoch, method.epoch_metrics(), method.epoch_metrics()
+        )
     history = [value for _, value in sorted(tracker.metric_history(run, [key])[key])]
     expected = [100 * 0.7**e for e in range(3)] if name == "infoflow" else [1.0, 1.6487213, 2.7182818]
     assert history == pytest.approx(expected, rel=1e-6)

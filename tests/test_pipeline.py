@@ -71,7 +71,7 @@ def test_student_loaded_its_teachers_trained_weights(finished_chain):
     probe = load_file(
         tracker.client.download_artifacts(student_run.info.run_id, "teachers/probe.safetensors", str(root))
     )
-    with tracker.downloaded(outcomes["assistant"].run_id, artifacts.WEIGHTS) as folder:
+    with tracker.artifacts(outcomes["assistant"].run_id).downloaded(artifacts.WEIGHTS) as folder:
         saved = load_weights(folder).eval()
     with torch.no_grad():
         expected = saved(probe["images"])

@@ -49,7 +49,7 @@ def wait_for_checkpoint(
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         for run in stage_runs(tracker, stage):
-            if run.info.run_id not in known and artifacts.stored_checkpoints(tracker, run.info.run_id):
+            if run.info.run_id not in known and artifacts.stored_checkpoints(tracker.artifacts(run.info.run_id)):
                 return run.info.run_id
         assert process is None or process.poll() is None, "the driver ended before the stage saved a checkpoint"
         time.sleep(0.3)
@@ -90,7 +90,7 @@ def test_driver_killed_mid_stage_resumes_from_its_mlflow_checkpoint(ray_local, f
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     wait_until_workers_exit()
-    stored = artifacts.stored_checkpoints(tracker, student)
+    stored = artifacts.stored_checkpoints(tracker.artifacts(student))
     epochs = CHAIN[2]["epochs"]
     assert 0 < int(stored[-1].split("-")[-1]) < epochs * CHAIN_STEPS_PER_EPOCH
     assert len(stored) <= CHECKPOINTING["keep"]
@@ -192,7 +192,7 @@ def test_a_stage_survives_a_killed_worker_and_an_mlflow_outage_and_ends_as_if_un
     driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tracker = Tracker(uri)
     run_id = wait_for_checkpoint(tracker, "solo", driver)
-    latest = artifacts.stored_checkpoints(tracker, run_id)[-1]
+    latest = artifacts.stored_checkpoints(tracker.artifacts(run_id))[-1]
     train_workers()[0].send_signal(signal.SIGKILL)
     deadline = time.monotonic() + 120
     while TAG_RESUMED not in (tags := tracker.client.get_run(run_id).data.tags):  # the restarted group's rank 0
@@ -202,7 +202,7 @@ def test_a_stage_survives_a_killed_worker_and_an_mlflow_outage_and_ends_as_if_un
     # when Ray Train had not yet registered the dead group's last report.
     checkpoint, source = tags[TAG_RESUMED].split(" ", 1)
     assert checkpoint >= latest and source in ("(Ray Train checkpoint)", "(MLflow artifact)")
-    stored = artifacts.stored_checkpoints(tracker, run_id)
+    stored = artifacts.stored_checkpoints(tracker.artifacts(run_id))
     stop(server)
 
     _, err = driver.communicate(timeout=300)
@@ -231,11 +231,11 @@ def test_a_stage_survives_a_killed_worker_and_an_mlflow_outage_and_ends_as_if_un
         for key, tolerance in (("val/top1", 0.01), ("train/loss", 1e-4 * uninterrupted.metrics["train/loss"])):
             restarted = final_metric(tracker, run_id, key)
             assert abs(restarted - final_metric(reference_tracker, uninterrupted.run_id, key)) <= tolerance, key
-        with tracker.downloaded(run_id, artifacts.WEIGHTS) as folder:
+        with tracker.artifacts(run_id).downloaded(artifacts.WEIGHTS) as folder:
             restarted_weights = load_weights(folder).state_dict()
     finally:
         stop(server)
-    with reference_tracker.downloaded(uninterrupted.run_id, artifacts.WEIGHTS) as folder:
+    with reference_tracker.artifacts(uninterrupted.run_id).downloaded(artifacts.WEIGHTS) as folder:
         reference_weights = load_weights(folder).state_dict()
     for name, value in restarted_weights.items():
         torch.testing.assert_close(value, reference_weights[name], rtol=1e-4, atol=1e-4)

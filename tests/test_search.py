@@ -78,7 +78,7 @@ def wait_for_second_trial(tracker: Tracker, driver: subprocess.Popen) -> None:
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
         runs = trial_runs(tracker)
-        if len(runs) >= 2 and artifacts.stored_checkpoints(tracker, runs[1].info.run_id):
+        if len(runs) >= 2 and artifacts.stored_checkpoints(tracker.artifacts(runs[1].info.run_id)):
             assert runs[0].info.status == "FINISHED"
             return
         assert driver.poll() is None, "the driver ended before the second trial saved a checkpoint"
@@ -107,7 +107,7 @@ def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream
     driver.wait()
     wait_until_workers_exit()
     first, second = trial_runs(tracker)[:2]
-    stored = artifacts.stored_checkpoints(tracker, second.info.run_id)
+    stored = artifacts.stored_checkpoints(tracker.artifacts(second.info.run_id))
     assert tracker.client.get_run(second.info.run_id).info.status == "RUNNING"
 
     outcomes = run_job(load_plan(path))
@@ -149,7 +149,7 @@ def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream
     assert plots == {"plots/search_epochs.png", "plots/search_values.png"}
     # The pupil learned from the best trial's weights.
     probe = load_file(tracker.client.download_artifacts(outcomes["pupil"].run_id, "teachers/probe.safetensors"))
-    with tracker.downloaded(best.info.run_id, artifacts.WEIGHTS) as folder, torch.no_grad():
+    with tracker.artifacts(best.info.run_id).downloaded(artifacts.WEIGHTS) as folder, torch.no_grad():
         expected = load_weights(folder).eval()(probe["images"])
     torch.testing.assert_close(probe["searched"], expected, rtol=1e-4, atol=1e-4)
     # Issue 15, point 3: before the trials, the search ran the teacher over all their views once (the killed run);

@@ -33,7 +33,7 @@ def test_a_job_over_two_seeds_trains_each_student_from_its_own_seeds_teacher(two
     # The two seeds give two different teachers; each student's probe holds its own seed's teacher's outputs.
     teachers = {}
     for seed in (0, 1):
-        with tracker.downloaded(runs[f"teacher-s{seed}"].info.run_id, artifacts.WEIGHTS) as folder:
+        with tracker.artifacts(runs[f"teacher-s{seed}"].info.run_id).downloaded(artifacts.WEIGHTS) as folder:
             teachers[seed] = load_weights(folder).eval()
     for seed in (0, 1):
         student = runs[f"student-s{seed}"]

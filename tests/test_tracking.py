@@ -1,0 +1,47 @@
+"""`RunArtifacts`, in one process against real stores: a stage's ranks move their run's files through its artifact
+URI alone, without the tracking store that rank 0 keeps for metrics and tags."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from pipeline.tracking import RunArtifacts, Tracker, TrackingError
+
+
+def test_a_runs_files_move_by_its_artifact_uri_without_opening_the_tracking_store(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = tracker.client.create_run(tracker.experiment_id("files")).info.run_id
+    # A sqlite store opened at this path would create its database there.
+    unopened = tmp_path / "elsewhere" / "mlflow.db"
+    files = RunArtifacts(tracker.artifact_uri(run_id), f"sqlite:///{unopened}")
+    (tmp_path / "rank-1.pt").write_bytes(b"rank 1")
+    (tmp_path / "position.json").write_text("{}")
+
+    files.log_files([tmp_path / "rank-1.pt"], "checkpoints/step-4")
+    files.log_files([tmp_path / "rank-1.pt", tmp_path / "position.json"], "checkpoints/step-8")
+
+    assert files.folders_holding("checkpoints", "position.json") == ["step-8"]
+    assert sorted(files.list_folder("checkpoints")) == ["step-4", "step-8"]
+    with files.downloaded("checkpoints/step-8") as folder:
+        assert (folder / "rank-1.pt").read_bytes() == b"rank 1"
+    with files.downloaded("checkpoints/step-8", ["position.json"]) as folder:
+        assert [path.name for path in folder.iterdir()] == ["position.json"]
+    files.delete(["checkpoints/step-4"])
+    assert not unopened.parent.exists()
+    # The driver, through the store, sees what the rank wrote.
+    assert tracker.artifacts(run_id).list_folder("checkpoints") == ["step-8"]
+    assert tracker.artifacts(run_id).holds("checkpoints/step-8/rank-1.pt")
+
+
+def test_an_unreachable_tracking_server_is_one_line_naming_it(monkeypatch, tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    files = RunArtifacts("mlflow-artifacts:/1/run/artifacts", uri)
+    (tmp_path / "rank-0.pt").write_bytes(b"rank 0")
+    with pytest.raises(TrackingError, match=f"^MLflow tracking at {uri} failed: ") as failure:
+        files.log_files([tmp_path / "rank-0.pt"], "checkpoints/step-2")
+    assert "\n" not in str(failure.value)
