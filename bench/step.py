@@ -168,27 +168,25 @@ def floors(storage: str, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def stage_figures(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Each stage's steady images/s and fixed cost from a real `run_job`, and Ray Train's floors beside them."""
+def stage_figures(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
+    """Each stage's steady images/s and fixed cost from a real `run_job`."""
     from pipeline.plan import plan_job
     from pipeline.runner import run_job
     from pipeline.spec import JobSpec
     from pipeline.tracking import Tracker
 
-    with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        plan = plan_job(JobSpec.model_validate(stage_job(args, root)))
-        outcomes = run_job(plan)
-        tracker = Tracker(plan.job.tracking.uri)
-        figures = {}
-        for name, outcome in outcomes.items():
-            if not outcome.finished:
-                raise SystemExit(f"stage {name} failed: {outcome.error}")
-            history = tracker.metric_history(outcome.run_id, ["images_per_second", "epoch_seconds"])
-            rates = [value for epoch, value in history["images_per_second"] if epoch > 0]
-            epochs = sum(value for _, value in history["epoch_seconds"])
-            figures[name] = {"rate": max(rates), "fixed": outcome.seconds - epochs, "wall": outcome.seconds}
-        return figures, floors(str(root / "floor"), args.floor_repeats)
+    plan = plan_job(JobSpec.model_validate(stage_job(args, root)))
+    outcomes = run_job(plan)
+    tracker = Tracker(plan.job.tracking.uri)
+    figures = {}
+    for name, outcome in outcomes.items():
+        if not outcome.finished:
+            raise SystemExit(f"stage {name} failed: {outcome.error}")
+        history = tracker.metric_history(outcome.run_id, ["images_per_second", "epoch_seconds"])
+        rates = [value for epoch, value in history["images_per_second"] if epoch > 0]
+        epochs = sum(value for _, value in history["epoch_seconds"])
+        figures[name] = {"rate": max(rates), "fixed": outcome.seconds - epochs, "wall": outcome.seconds}
+    return figures
 
 
 def main() -> None:
@@ -201,7 +199,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round of (a) and (b)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of (a) and (b); best counts")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of (a) and (b); best counts")
     parser.add_argument("--no-stage", dest="stage", action="store_false", help="skip (c) and the floors (no Ray)")
     parser.add_argument("--workers", type=int, default=2, help="(c): Ray Train workers per stage (default 2)")
     parser.add_argument("--stage-epochs", type=int, default=3, help="(c): epochs per stage (default 3)")
@@ -237,10 +235,12 @@ def main() -> None:
     if not args.stage:
         return
 
-    figures, floor = stage_figures(args)
-    # This machine's speed drifts over minutes: time the bare loop again after the stage, and compare the stage
-    # with the faster of the two.
-    bare_after = max(images_per_second(loops["bare PyTorch loop"], batches, args.steps, device) for _ in range(2))
+    with tempfile.TemporaryDirectory() as folder:
+        figures = stage_figures(args, Path(folder))
+        # This machine's speed drifts over minutes: time the bare loop again right after the stages, and compare
+        # the stage with the faster of the two.
+        bare_after = max(images_per_second(loops["bare PyTorch loop"], batches, args.steps, device) for _ in range(2))
+        floor = floors(str(Path(folder) / "floor"), args.floor_repeats)
     bare = max(bare, bare_after)
     student = figures["student"]["rate"]
     print(f"  {'bare PyTorch loop, after (c)':34s} {bare_after:9.1f} images/s")
