@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime import torch_autocast
 from torch import nn
 
 from pipeline.checkpoint import Position
@@ -142,6 +143,9 @@ class Engine:
         self.device, self.dtype = device, PRECISIONS[stage.deepspeed.precision]
         self.batch_size, self.epochs, self.schedule = batch_size, stage.epochs, stage.schedule
         optimizer = build_optimizer(stage.optimizer, [p for p in method.parameters() if p.requires_grad])
+        # DeepSpeed keeps the autocast setting of the last engine it built in module globals, which ZeRO's
+        # optimizer reads (after an fp16 engine it scales the loss): each engine in a process starts from its own.
+        torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=method, optimizer=optimizer, config=deepspeed_config(stage, batch_size, self.world)
         )

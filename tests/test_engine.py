@@ -175,6 +175,16 @@ def test_resuming_mid_epoch_ends_where_an_uninterrupted_run_ends(process_group, 
         torch.testing.assert_close(value, uninterrupted[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_an_engine_takes_no_precision_from_the_engine_built_before_it(process_group):
+    """A ZeRO optimizer scales the loss when its engine is fp16 (autocast), and only then: DeepSpeed keeps the last
+    engine's autocast setting in module globals, so an fp32 engine built after an fp16 one in the same process (a
+    test session, a bench of both precisions) would scale its loss too."""
+    fp16 = make_engine(deepspeed={"precision": "fp16", "zero_stage": 2}, workers={"gpus": 1})
+    assert fp16.optimizer.torch_autocast_gradscaler is not None
+    fp32 = make_engine(deepspeed={"zero_stage": 2})
+    assert fp32.optimizer.torch_autocast_gradscaler is None
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_bf16_trains_on_cpu_with_finite_losses_and_learns(process_group, zero_stage):
     """bf16 is autocast: convolutions compute in bf16, weights, BatchNorm and the optimizer stay fp32."""
