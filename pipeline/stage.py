@@ -61,11 +61,16 @@ class StageCheckpoints:
 
     def save(self, position: Position, metrics: dict[str, float]) -> None:
         """Every rank hands its part to Ray Train (one merged checkpoint folder), then to the MLflow run: rank 0
-        uploads the position file last, after a barrier, so a checkpoint with one is complete."""
+        uploads the position file last, after a barrier, so a checkpoint with one is complete, and Ray Train holds it
+        too: a restart or a rerun on the same storage never has to fall back to an older one."""
         rank, folder = self.engine.rank, artifacts.checkpoint_folder(position.name)
         with tempfile.TemporaryDirectory() as local:
             written = write_state(Path(local), self.engine.method, self.engine.optimizer, position, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local))
+            # A worker's report queue holds one report: this empty one waits until Ray Train's controller took the
+            # checkpoint's. Without it, a rank failing right after (an MLflow outage, a kill) could end the worker
+            # group before every rank's report was taken, and Ray Train would drop the checkpoint.
+            ray.train.report({})
             self.files.log_files(written[:1], folder)
             torch.distributed.barrier()
             if self.tracker is not None:
@@ -76,8 +81,8 @@ class StageCheckpoints:
 
     def restore(self) -> Position:
         """Where training starts: the newer of Ray Train's latest checkpoint of this run (a worker restart, or a
-        rerun on the same storage) and the newest complete checkpoint in the stage's MLflow run (a rerun anywhere;
-        or a restart whose last report Ray Train had not yet registered), else the beginning. Rank 0 chooses."""
+        rerun on the same storage) and the newest complete checkpoint in the stage's MLflow run (a rerun anywhere),
+        else the beginning. Rank 0 chooses."""
         engine = self.engine
         checkpoint = ray.train.get_checkpoint()
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as local:
