@@ -9,7 +9,9 @@ a job on Fashion-MNIST held in memory, resized to `--size` and normalized per ba
 augmentation is counted in neither); a stage's steady rate is its best epoch after the first, from the
 `images_per_second` it logs over its training steps. A stage's fixed cost is its wall time minus its epochs'.
 Ray Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports), timed with Ray Train's
-default settings and with kdpipe's (`pipeline.runner.RAY_TRAIN_SETTINGS`).
+default settings and with kdpipe's (`pipeline.runner.RAY_TRAIN_SETTINGS`); and, for the job's first stage, the
+first fit of a Ray session, in a new process as a job's driver is (it also imports Ray Train and starts Ray Train's
+session-wide actors).
 
     .venv/bin/python bench/step.py                        # the quickstart's models on CPU
     python bench/step.py --device cuda --teacher resnet50 --student resnet18 --size 224 --batch 256 \\
@@ -23,6 +25,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -133,7 +137,9 @@ def stage_job(args: argparse.Namespace, root: Path) -> dict:
 
 
 def empty_fit(storage: str) -> float:
-    """Seconds of a 2-worker `TorchTrainer.fit()` whose loop only reports: Ray Train's own start and end."""
+    """Seconds of a 2-worker `TorchTrainer.fit()` whose loop only reports: Ray Train's own start and end (and
+    its import, the first time in a process)."""
+    started = time.perf_counter()
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -141,13 +147,19 @@ def empty_fit(storage: str) -> float:
     def loop(config: dict) -> None:
         ray.train.report({"done": 1})
 
-    started = time.perf_counter()
     TorchTrainer(
         loop,
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"floor-{time.time_ns()}", storage_path=storage),
     ).fit()
     return time.perf_counter() - started
+
+
+def first_fit(storage: str) -> float:
+    """The empty fit as a job's first stage meets it: in a new process that has just started Ray as `kdpipe run`
+    does (this script again, with `--first-fit`)."""
+    command = [sys.executable, __file__, "--first-fit", storage]
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
 def floors(storage: str, repeats: int) -> dict[str, float]:
@@ -206,7 +218,14 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=6000, help="(c): Fashion-MNIST training samples")
     parser.add_argument("--floor-repeats", type=int, default=3, help="empty fits per setting (median counts)")
     parser.add_argument("--data", type=Path, default=FASHION_MNIST, help="the Fashion-MNIST IDX folder")
+    parser.add_argument("--first-fit", metavar="STORAGE", help=argparse.SUPPRESS)  # see first_fit()
     args = parser.parse_args()
+    if args.first_fit:
+        from pipeline.runner import ensure_ray
+
+        ensure_ray(verbose=False)
+        print(empty_fit(args.first_fit))
+        return
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count())  # one process may use every core, as a bare script would
@@ -236,6 +255,7 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as folder:
+        first = first_fit(str(Path(folder) / "first"))  # before this process starts Ray for (c)
         figures = stage_figures(args, Path(folder))
         # This machine's speed drifts over minutes: time the bare loop again right after the stages, and compare
         # the stage with the faster of the two.
@@ -249,15 +269,19 @@ def main() -> None:
         f"{student / bare:5.2f}x bare (the student stage's best steady epoch, against the faster bare round)"
     )
     print("fixed cost per stage (wall time minus epochs), beside Ray Train's floor (an empty 2-worker fit):")
+    label = "floor, a Ray session's first fit"
+    print(f"  {label:34s} {first:6.1f} s   (kdpipe's settings, in a new driver process)")
     for name, value in floor.items():
         print(f"  floor with {name:23s} {value:6.1f} s")
     lowered = floor["kdpipe's settings"]
-    for name, stage in figures.items():
-        print(
-            f"  {name:8s} stage: {stage['fixed']:5.1f} s fixed of {stage['wall']:5.1f} s   "
-            f"{stage['fixed'] / lowered:4.2f}x the floor with kdpipe's settings, "
+    for index, (name, stage) in enumerate(figures.items()):
+        beside = (
+            f"{stage['fixed'] / first:4.2f}x the first fit's floor (the job's first stage)"
+            if index == 0
+            else f"{stage['fixed'] / lowered:4.2f}x the floor with kdpipe's settings, "
             f"{stage['fixed'] / floor['Ray Train defaults']:4.2f}x with Ray's defaults"
         )
+        print(f"  {name:8s} stage: {stage['fixed']:5.1f} s fixed of {stage['wall']:5.1f} s   {beside}")
 
 
 if __name__ == "__main__":
