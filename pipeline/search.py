@@ -33,7 +33,7 @@ from pipeline.errors import UserError
 from pipeline.plan import with_values
 from pipeline.spec import CheckpointSpec, Dimension, SearchSpec, StageSpec, WorkersSpec
 from pipeline.task import StageTask
-from pipeline.tracking import TAG_BEST_TRIAL, TAG_PRUNED, TAG_TRIAL, TAG_VALUES, Tracker
+from pipeline.tracking import TAG_BEST_TRIAL, TAG_PRUNED, TAG_TRIAL, TAG_VALUES, RunArtifacts, Tracker
 
 OBJECTIVE, EPOCHS_DONE = "objective", "epochs_done"  # what Tune sees: the search metric, and ASHA's clock
 # A trial only waits on its Train run. It must hold nothing its workers need: a fraction of a CPU would keep a
@@ -125,14 +125,14 @@ def run_trial(config: dict, search: SearchTask) -> None:
         tune.report(with_objective(tracker.latest_metrics(existing[0].info.run_id), spec.metric, search.epochs))
         return
     if existing:
-        run_id = existing[0].info.run_id
-        tracker.client.update_run(run_id, status="RUNNING")
+        run = existing[0]
+        tracker.client.update_run(run.info.run_id, status="RUNNING")
     else:
-        run_id = tracker.start_trial_run(
+        run = tracker.start_trial_run(
             search.experiment_id, task.run_id, task.job, task.config["name"], trial_id, values, trial.config
         )
-    artifact_uri = tracker.artifact_uri(run_id)
-    trial_task = dataclasses.replace(task, config=trial.config, run_id=run_id, artifact_uri=artifact_uri)
+    run_id = run.info.run_id
+    trial_task = dataclasses.replace(task, config=trial.config, run_id=run_id, artifact_uri=run.info.artifact_uri)
     # A failure ends the run FAILED on the driver (`TrialLog`): here, a trial stopped by ASHA can fail as it goes.
     launch_stage(
         trial_task, search.workers, search.storage, search.checkpoint, [EpochResults(spec.metric, search.epochs)]
@@ -301,7 +301,8 @@ def record_search(search: SearchTask, trial_ids: set[str]) -> dict[str, Any]:
     best = max(finished, key=lambda run: sign * run.data.metrics[spec.metric])
     values = json.loads(best.data.tags[TAG_VALUES])
     best_id = best.info.run_id
-    best_files, stage_files = tracker.artifacts(best_id), tracker.artifacts(task.run_id)
+    best_files = RunArtifacts(best.info.artifact_uri, task.tracking_uri)
+    stage_files = RunArtifacts(task.artifact_uri, task.tracking_uri)
     peers = [artifacts.weights_folder(peer) for peer in best_files.list_folder(artifacts.PEERS)]
     for folder in [artifacts.WEIGHTS, *peers]:
         with best_files.downloaded(folder) as local:
@@ -329,4 +330,4 @@ def plot_search(tracker: Tracker, task: StageTask, spec: SearchSpec, runs: list)
     with tempfile.TemporaryDirectory() as folder:
         epochs_plot = plot_search_epochs(trials, spec.metric, task.config["name"], Path(folder) / "search_epochs.png")
         values_plot = plot_search_values(trials, spec.metric, task.config["name"], Path(folder) / "search_values.png")
-        tracker.artifacts(task.run_id).log_files([epochs_plot, values_plot], artifacts.PLOTS)
+        RunArtifacts(task.artifact_uri, task.tracking_uri).log_files([epochs_plot, values_plot], artifacts.PLOTS)

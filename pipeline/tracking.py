@@ -256,14 +256,11 @@ class Tracker:
             TAG_HOLDER: DRIVER,  # created held: another driver never trains it while this one lives
             TAG_HEARTBEAT: str(time.time()),
         }
-        run = self.client.create_run(experiment_id, tags=tags, run_name=stage)
-        params = [Param(key, str(value)) for key, value in flatten(config).items()]
-        self.client.log_batch(run.info.run_id, params=params)
-        return run.info.run_id
+        return self._create_run(experiment_id, tags, config).info.run_id
 
     def start_trial_run(
         self, experiment_id: str, stage_run: str, job: str, stage: str, trial: str, values: dict, config: dict
-    ) -> str:
+    ) -> Run:
         """A trial of a searched stage, nested under the stage's run; never a stage result (no fingerprint)."""
         tags = {
             TAG_KIND: "trial",
@@ -274,10 +271,14 @@ class Tracker:
             MLFLOW_PARENT_RUN_ID: stage_run,
             MLFLOW_RUN_NAME: f"{stage} trial {trial.rsplit('_', 1)[-1]}",
         }
+        return self._create_run(experiment_id, tags, config)
+
+    def _create_run(self, experiment_id: str, tags: dict[str, str], config: dict) -> Run:
+        """A new run with these tags (its name among them) and the stage's config, flattened, as its params."""
         run = self.client.create_run(experiment_id, tags=tags, run_name=tags[MLFLOW_RUN_NAME])
         params = [Param(key, str(value)) for key, value in flatten(config).items()]
         self.client.log_batch(run.info.run_id, params=params)
-        return run.info.run_id
+        return run
 
     def trial_runs(self, experiment_id: str, stage_run: str, trial: str | None = None) -> list[Run]:
         """A searched stage's trial runs (of one Tune trial id, if given), oldest first."""
