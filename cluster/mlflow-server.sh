@@ -20,6 +20,9 @@ set -euo pipefail
 store="${MLFLOW_STORE:-${KDPIPE_STORAGE:?set MLFLOW_STORE or KDPIPE_STORAGE}/mlflow}"
 mkdir -p "$store"
 # MLflow's auth settings: users in their own database, new users may read every experiment and edit their own.
+# A job sends hundreds of requests per stage (metrics, each checkpoint file), each checking the password with a
+# deliberately slow hash (scrypt, ~0.13 s of CPU here) unless a recent check of the same login is cached: a
+# minute's cache. A changed password or a removed user then reaches the other server processes within the minute.
 export MLFLOW_AUTH_CONFIG_PATH="$store/basic_auth.ini"
 cat > "$MLFLOW_AUTH_CONFIG_PATH" <<INI
 [mlflow]
@@ -27,6 +30,7 @@ default_permission = READ
 database_uri = sqlite:///$store/basic_auth.db
 admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = 60
 INI
 # The session secret of the server's forms (CSRF): one per store, kept beside it, never in a config.
 secret="$store/flask_secret"

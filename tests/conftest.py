@@ -40,11 +40,12 @@ def ray_local():
     ray.shutdown()
 
 
-# A teacher -> assistant -> student chain on small synthetic data; the assistant and the student run ZeRO-2 (their
-# optimizer state is partitioned over the 2 ranks), which makes them the stages whose interruption and resumption
-# matter most (test_resume interrupts the student: the last stage, so its rerun retrains nothing else).
+# A teacher -> assistant -> student chain on small synthetic data, all ZeRO-2: their optimizer state is partitioned
+# over the 2 ranks, which makes their interruption and resumption matter most (test_resume interrupts the student,
+# the last stage, so its rerun retrains nothing else; and retrains the teacher alone, through faults, to end where
+# the chain's teacher ended).
 CHAIN = [
-    {"name": "teacher", "model": "resnet8", "epochs": 3, "optimizer": {"lr": 0.1}},
+    {"name": "teacher", "model": "resnet8", "epochs": 3, "optimizer": {"lr": 0.1}, "deepspeed": {"zero_stage": 2}},
     {
         "name": "assistant",
         "model": "resnet8",

@@ -201,8 +201,8 @@ def test_submit_stop_and_resubmit_resumes_on_two_nodes(cluster, mlflow_login, tm
     first_id = first.stdout.strip()
 
     # Stop the job once the teacher (2 epochs) has saved its first checkpoint in MLflow. Ray Train's copy of it,
-    # in the cluster's storage, comes first: watching that folder spares the MLflow server (one process, a
-    # password hash per request) a poll a second while the stage trains beside it on the same 2 cores.
+    # in the cluster's storage, comes first: watching that folder spares the MLflow server (one process) a poll a
+    # second while the stage trains beside it on the same 2 cores.
     deadline = time.monotonic() + 400
     while not any(cluster.storage.glob("*/ray/*-teacher-*/checkpoint_*/position.json")):
         assert time.monotonic() < deadline, cluster.kdpipe("logs", first_id, "--address", cluster.dashboard).stdout

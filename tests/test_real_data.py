@@ -1,12 +1,22 @@
 """The real Fashion-MNIST copy in shared/data: converted by `kdpipe data shard`, then trained through the same
-path as the quickstart (`kdpipe run`'s runner, Ray Train, 2 DeepSpeed workers, MLflow)."""
+path as the quickstart (`kdpipe run`'s runner, Ray Train, 2 DeepSpeed workers, MLflow), each rank reading through
+2 DataLoader workers started from the fork server inside its Ray Train worker process."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
+from pipeline import artifacts
 from pipeline.cli import main
+from pipeline.data import prepare_data
+from pipeline.data.loaders import open_data
 from pipeline.data.shards import read_manifest
+from pipeline.engine import evaluate
+from pipeline.models import load_weights
 from pipeline.plan import load_plan
 from pipeline.runner import run_job
+from pipeline.tracking import Tracker
 from tests.conftest import FASHION_MNIST, write_job
 from tests.shard_damage import garble_image, train_shard
 
@@ -28,13 +38,24 @@ def test_fashion_mnist_shards_train_and_a_skipped_sample_is_logged(ray_local, tm
             "image_size": 8,  # resized from 28 px by the reader: a twelfth of the compute, still learnable
             "batch_size": 250,  # 60,000 = 2 ranks x 120 steps x 250: no sample sits the epoch out
             "bad_samples": "skip",
-            "loader_workers": 0,  # decoded in the training process: no loader processes to start on 2 cores
+            "loader_workers": 2,  # 12 shards dealt to 2 ranks x 2 workers, each range cut inside a shard
         },
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "fashion"},
         "stages": [{"name": "solo", "model": "resnet8", "epochs": 1, "optimizer": {"lr": 0.1}}],
     }
-    outcome = run_job(load_plan(write_job(tmp_path / "job.yaml", job)))["solo"]
+    plan = load_plan(write_job(tmp_path / "job.yaml", job))
+    outcome = run_job(plan)["solo"]
     assert outcome.status == "done", outcome.error
     assert outcome.metrics["data/skipped"] == 1
     assert outcome.metrics["global_step"] == 120
     assert outcome.metrics["val/top1"] > 0.5  # 10 classes (chance 0.1); one epoch of a small ResNet
+
+    # The 2 ranks' held-out scores, summed over ranks, equal one process's on the saved weights: every held-out
+    # sample was scored exactly once, whichever rank and loader worker read it.
+    spec = plan.job.data.model_copy(update={"loader_workers": 0})
+    single = open_data(prepare_data(spec), spec, 0, 0, 1)
+    with Tracker(job["tracking"]["uri"]).artifacts(outcome.run_id).downloaded(artifacts.WEIGHTS) as folder:
+        model = load_weights(folder).eval()
+    scores = evaluate(model, single, torch.device("cpu"), torch.float32)
+    assert outcome.metrics["val/top1"] == pytest.approx(scores["val/top1"], abs=1e-12)
+    assert outcome.metrics["val/top5"] == pytest.approx(scores["val/top5"], abs=1e-12)

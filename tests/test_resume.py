@@ -25,12 +25,18 @@ from pipeline.models import load_weights
 from pipeline.plan import load_plan
 from pipeline.runner import ray_run_name, run_job
 from pipeline.tracking import TAG_RESUMED, Tracker
-from tests.conftest import CHAIN, CHAIN_STEPS_PER_EPOCH, KDPIPE, cluster_env, teacher_batches, tiny_job, write_job
+from tests.conftest import (
+    CHAIN,
+    CHAIN_DATA,
+    CHAIN_STEPS_PER_EPOCH,
+    KDPIPE,
+    cluster_env,
+    teacher_batches,
+    tiny_job,
+    write_job,
+)
 
 CHECKPOINTING = {"every_steps": 2, "every_minutes": 0, "keep": 2}
-SOLO = [{"name": "solo", "model": "resnet8", "epochs": 4, "deepspeed": {"zero_stage": 2}}]
-SOLO_DATA = {"train_size": 256, "val_size": 128}
-SOLO_STEPS = 256 // 2 // 32  # per epoch: train_size / workers / batch_size
 
 
 def stage_runs(tracker: Tracker, stage: str | None = None) -> list:
@@ -167,23 +173,25 @@ def stop(server: subprocess.Popen) -> None:
     server.wait(timeout=60)
 
 
-def test_a_stage_survives_a_killed_worker_and_an_mlflow_outage_and_ends_as_if_uninterrupted(ray_local, tmp_path):
-    """Points 3, 4 and 6 on one run of one ZeRO-2 stage, logging to a real `mlflow server`:
+def test_a_stage_survives_a_killed_worker_and_an_mlflow_outage_and_ends_as_if_uninterrupted(
+    ray_local, finished_chain, tmp_path
+):
+    """Points 3, 4 and 6 on one run of one ZeRO-2 stage, the finished chain's teacher trained again from scratch
+    (its own workdir, logging to a real `mlflow server`):
     - SIGKILL a Ray Train worker after the first checkpoint: Ray Train restarts the worker group, which goes on
       from the latest checkpoint (`ray.train.get_checkpoint()`) in the same MLflow run;
     - then stop the server: the stage fails with one line naming the tracking URI, and Ray Train's local
       checkpoint stays;
     - start the server again and rerun: the run resumes from that checkpoint (at a later epoch than the restart)
-      and finishes where an uninterrupted run of the same stage ends."""
-    reference = tiny_job(tmp_path / "reference", SOLO, **SOLO_DATA)
-    reference["data"]["path"] = str(tmp_path / "data")
-    (tmp_path / "reference").mkdir()
-    uninterrupted = run_job(load_plan(write_job(tmp_path / "reference" / "job.yaml", reference)))["solo"]
-    assert uninterrupted.status == "done", uninterrupted.error
-
+      and finishes where the chain's uninterrupted run of the same stage ended."""
+    root, plan, chain = finished_chain
+    uninterrupted = chain["teacher"]
+    reference_tracker = Tracker(plan.job.tracking.uri)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    job = {**reference, "workdir": str(tmp_path / "out"), "tracking": {"uri": uri, "experiment": "tests"}}
+    job = tiny_job(tmp_path, CHAIN[:1], **CHAIN_DATA)
+    job["data"]["path"] = str(root / "data")  # the chain's synthetic set, already written
+    job["tracking"]["uri"] = uri
     job["checkpoint"] = {**CHECKPOINTING, "max_restarts": 1}  # the worker's death takes it; the outage fails
     path = write_job(tmp_path / "job.yaml", job)
     server = start_mlflow_server(tmp_path, port)
@@ -191,7 +199,7 @@ def test_a_stage_survives_a_killed_worker_and_an_mlflow_outage_and_ends_as_if_un
     env = cluster_env(ray_local, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tracker = Tracker(uri)
-    run_id = wait_for_checkpoint(tracker, "solo", driver)
+    run_id = wait_for_checkpoint(tracker, "teacher", driver)
     latest = artifacts.stored_checkpoints(tracker.artifacts(run_id))[-1]
     train_workers()[0].send_signal(signal.SIGKILL)
     deadline = time.monotonic() + 120
@@ -208,23 +216,22 @@ def test_a_stage_survives_a_killed_worker_and_an_mlflow_outage_and_ends_as_if_un
     _, err = driver.communicate(timeout=300)
     assert driver.returncode == 1
     errors = err.decode().strip().splitlines()
-    assert errors[-1].startswith("solo: ") and f"MLflow tracking at {uri} failed" in errors[-1], errors[-5:]
+    assert errors[-1].startswith("teacher: ") and f"MLflow tracking at {uri} failed" in errors[-1], errors[-5:]
     assert "Traceback" not in err.decode()
     print(f"\nthe driver's last line: {errors[-1]}")
     assert sorted((tmp_path / "out" / "ray").glob("*/checkpoint_*/position.json")), "Ray Train's checkpoint stays"
 
     server = start_mlflow_server(tmp_path, port)
-    reference_tracker = Tracker(reference["tracking"]["uri"])
     try:
-        outcome = run_job(load_plan(path))["solo"]
+        outcome = run_job(load_plan(path))["teacher"]
         assert outcome.status == "done" and outcome.run_id == run_id, outcome.error
         run = tracker.client.get_run(run_id)
-        assert [r.info.run_id for r in stage_runs(tracker, "solo")] == [run_id]  # one run through it all
+        assert [r.info.run_id for r in stage_runs(tracker, "teacher")] == [run_id]  # one run through it all
         assert run.info.status == "FINISHED"
         # Resumed from Ray Train's local checkpoint: at least as new as the last one MLflow got before the outage.
         resumed = run.data.tags[TAG_RESUMED]
         assert resumed.endswith("(Ray Train checkpoint)") and resumed.split()[0] >= stored[-1]
-        assert final_metric(tracker, run_id, "global_step") == SOLO[0]["epochs"] * SOLO_STEPS
+        assert final_metric(tracker, run_id, "global_step") == CHAIN[0]["epochs"] * CHAIN_STEPS_PER_EPOCH
         # Stated tolerance: top-1 within 0.01, loss within 1e-4 relative, weights within 1e-4 (CPU, fp32, fixed
         # seed: each restart replays the same batches, augmented alike, from the same model and ZeRO-2 optimizer
         # state; we see equality).
