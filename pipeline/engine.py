@@ -11,10 +11,11 @@ and is measured in one process by `bench/step.py`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 import deepspeed
@@ -42,6 +43,23 @@ deepspeed.ops.__compatible_ops__ = {}
 # autocast's lists say. DeepSpeed's own bf16/fp16 modes cast every parameter instead: BatchNorm then falls off
 # cuDNN (0.68x the bare loop for ResNet-50 -> ResNet-18 on an H100) and fp16 BatchNorm does not learn at all.
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def compiling_nothing() -> Iterator[None]:
+    """Dynamo switched off inside the block. ZeRO's check of an engine's optimizer imports DeepSpeed's Muon
+    optimizer, whose kernels carry `@torch.compile`: that decorator alone imports inductor's compiler, 1-2 s in each
+    training process. kdpipe compiles nothing, so the engine is built with dynamo off, and the decorators hand the
+    kernels back as they are (Muon is never run)."""
+    saved = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"  # read by torch.compile at each call
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = saved
 
 
 class CheckpointSink(Protocol):
@@ -146,9 +164,10 @@ class Engine:
         # DeepSpeed keeps the autocast setting of the last engine it built in module globals, which ZeRO's
         # optimizer reads (after an fp16 engine it scales the loss): each engine in a process starts from its own.
         torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=method, optimizer=optimizer, config=deepspeed_config(stage, batch_size, self.world)
-        )
+        with compiling_nothing():
+            self.ds, self.optimizer, _, _ = deepspeed.initialize(
+                model=method, optimizer=optimizer, config=deepspeed_config(stage, batch_size, self.world)
+            )
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
 
     @property

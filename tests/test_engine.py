@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoint import MODEL, Position, read_state, write_state
 from pipeline.data.shard_reader import to_device
-from pipeline.engine import Engine, evaluate, lr_factor
+from pipeline.engine import Engine, compiling_nothing, evaluate, lr_factor
 from pipeline.methods import METHODS
 from pipeline.models import build_model
 from pipeline.spec import ScheduleSpec, StageSpec
@@ -183,6 +184,23 @@ def test_an_engine_takes_no_precision_from_the_engine_built_before_it(process_gr
     assert fp16.optimizer.torch_autocast_gradscaler is not None
     fp32 = make_engine(deepspeed={"zero_stage": 2})
     assert fp32.optimizer.torch_autocast_gradscaler is None
+
+
+def test_an_engine_is_built_compiling_nothing(monkeypatch):
+    """Inside the block `torch.compile` hands a function back as it is (what DeepSpeed's import-time decorators of
+    its Muon kernels get: no inductor import, 1-2 s per process); after it, the setting is what it was."""
+
+    def kernel(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    with compiling_nothing():
+        assert torch.compile(kernel) is kernel
+    assert "TORCHDYNAMO_DISABLE" not in os.environ
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
+    with compiling_nothing():
+        assert torch.compile(kernel) is kernel
+    assert os.environ["TORCHDYNAMO_DISABLE"] == "0"
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
