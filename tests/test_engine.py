@@ -186,9 +186,9 @@ def test_an_engine_takes_no_precision_from_the_engine_built_before_it(process_gr
     assert fp32.optimizer.torch_autocast_gradscaler is None
 
 
-def test_an_engine_is_built_compiling_nothing(monkeypatch):
-    """Inside the block `torch.compile` hands a function back as it is (what DeepSpeed's import-time decorators of
-    its Muon kernels get: no inductor import, 1-2 s per process); after it, the setting is what it was."""
+def test_inside_compiling_nothing_torch_compile_hands_functions_back_and_the_setting_is_restored(monkeypatch):
+    """What DeepSpeed's import-time decorators of its Muon kernels get while `Engine` builds its DeepSpeed engine
+    (no inductor import, 1-2 s per process); after the block, the setting is what it was."""
 
     def kernel(x: torch.Tensor) -> torch.Tensor:
         return x
