@@ -11,15 +11,15 @@ augmentation is counted in neither); a stage's steady rate is its best epoch aft
 Ray Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports), timed with Ray Train's
 default settings and with kdpipe's (`pipeline.runner.RAY_TRAIN_SETTINGS`); and, for the job's first stage, the
 first fit of a Ray session, in a new process as a job's driver is (it also imports Ray Train and starts Ray Train's
-session-wide actors). Last, the largest part of kdpipe's share: what a stage's workers import at start beyond an
-empty fit's, timed alone in a new process.
+session-wide actors). Last, what makes up kdpipe's share: what a stage's workers do at start beyond an empty fit's
+(importing the training stack, rank 0 opening the job's MLflow store), each timed alone in a new process.
 
     .venv/bin/python bench/step.py                        # the quickstart's models on CPU
     python bench/step.py --device cuda --teacher resnet50 --student resnet18 --size 224 --batch 256 \\
         --precision bf16 --no-stage                       # on a GPU without Ray: (a) and (b) only
 
-Prints images/s and the ratios engine / bare and stage / bare, then the stages' fixed costs, the floors, and what a
-worker imports beyond an empty fit's.
+Prints images/s and the ratios engine / bare and stage / bare, then the stages' fixed costs, the floors, and kdpipe's
+share of a worker's start.
 """
 
 from __future__ import annotations
@@ -182,11 +182,22 @@ def floors(storage: str, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def worker_start() -> dict[str, float]:
-    """What a stage's worker imports beyond an empty fit's, in seconds, timed alone in a new process
-    (`python -X importtime`): the training stack (`pipeline.stage`), and its largest parts."""
-    imports = "import ray.train.torch; import pipeline.stage"  # an empty fit's workers import the first too
-    command = [sys.executable, "-X", "importtime", "-c", imports]
+WORKER_START = """
+import time
+import ray.train.torch  # an empty fit's workers import this much too
+import pipeline.stage
+from pipeline.tracking import Tracker
+started = time.perf_counter()
+Tracker({uri!r}).experiment_id("bench")
+print(time.perf_counter() - started)
+"""
+
+
+def worker_start(uri: str) -> dict[str, float]:
+    """What a stage's worker does at start beyond an empty fit's, in seconds, timed alone in a new process
+    (`python -X importtime`): importing the training stack (`pipeline.stage`), split into its largest parts, and
+    rank 0 opening the job's MLflow store (`uri`, which exists: importing MLflow's SQL store and opening it)."""
+    command = [sys.executable, "-X", "importtime", "-c", WORKER_START.format(uri=uri)]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     cumulative: dict[str, float] = {}
     for line in done.stderr.splitlines():  # "import time: self [us] | cumulative | name", nested names indented
@@ -195,7 +206,8 @@ def worker_start() -> dict[str, float]:
             cumulative.setdefault(fields[2].strip(), int(fields[1]) / 1e6)
     stack = cumulative["pipeline.stage"]
     parts = {name: cumulative.get(name, 0.0) for name in ("torch._dynamo", "mlflow")}
-    return {"training stack": stack, **parts, "the rest of the stack": stack - sum(parts.values())}
+    store = float(done.stdout.split()[-1])
+    return {"training stack": stack, **parts, "the rest of the stack": stack - sum(parts.values()), "store": store}
 
 
 def stage_figures(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
@@ -279,7 +291,7 @@ def main() -> None:
         # the stage with the faster of the two.
         bare_after = max(images_per_second(loops["bare PyTorch loop"], batches, args.steps, device) for _ in range(2))
         floor = floors(str(Path(folder) / "floor"), args.floor_repeats)
-        start = worker_start()
+        start = worker_start(stage_job(args, Path(folder))["tracking"]["uri"])
     bare = max(bare, bare_after)
     student = figures["student"]["rate"]
     print(f"  {'bare PyTorch loop, after (c)':34s} {bare_after:9.1f} images/s")
@@ -301,10 +313,11 @@ def main() -> None:
             f"{stage['fixed'] / floor['Ray Train defaults']:4.2f}x with Ray's defaults"
         )
         print(f"  {name:8s} stage: {stage['fixed']:5.1f} s fixed of {stage['wall']:5.1f} s   {beside}")
-    print("what a stage's workers import at start beyond an empty fit's, timed alone in a new process:")
+    print("what a stage's workers do at start beyond an empty fit's, each timed alone in a new process:")
     parts = ", ".join(f"{name} {start[name]:.1f} s" for name in ("torch._dynamo", "mlflow", "the rest of the stack"))
-    print(f"  the training stack                 {start['training stack']:6.1f} s   every worker: {parts}")
+    print(f"  importing the training stack       {start['training stack']:6.1f} s   every worker: {parts}")
     print("  (torch._dynamo is what the first torch.optim optimizer of any training process imports)")
+    print(f"  opening the job's MLflow store     {start['store']:6.1f} s   rank 0, for metrics and tags")
 
 
 if __name__ == "__main__":

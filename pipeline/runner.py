@@ -178,7 +178,7 @@ class JobRunner:
             for name, stage in ((name, plan.stages[name]) for name in plan.order)
         }
         self.running: dict[Future, str] = {}
-        self.board = self.tracking_actor = None
+        self.board = None
         self.renewed = time.monotonic()
 
     def run(self, force: tuple[str, ...], on_poll) -> dict[str, StageOutcome]:
@@ -335,11 +335,9 @@ class JobRunner:
 
     def start_ray(self) -> None:
         from pipeline.progress import open_board
-        from pipeline.tracking_actor import open_tracking_actor
 
         ensure_ray(self.verbose)
         self.board = open_board(self.job.name)
-        self.tracking_actor = open_tracking_actor(self.job.name, self.tracker.uri)
 
     def finish(self, future: Future) -> None:
         name = self.running.pop(future)
@@ -378,8 +376,7 @@ class JobRunner:
         return live
 
     def release(self) -> None:
-        """On the way out: runs still held (an interrupt, an error) may be taken over at once; the board and the
-        tracking actor go."""
+        """On the way out: runs still held (an interrupt, an error) may be taken over at once; the board goes."""
         with contextlib.suppress(TrackingError):
             for name in self.running.values():
                 self.tracker.release(self.outcomes[name].run_id)
@@ -387,7 +384,6 @@ class JobRunner:
             import ray
 
             ray.kill(self.board)
-            ray.kill(self.tracking_actor)
 
 
 def one_line(err: BaseException) -> str:
