@@ -11,15 +11,16 @@ augmentation is counted in neither); a stage's steady rate is its best epoch aft
 Ray Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports), timed with Ray Train's
 default settings and with kdpipe's (`pipeline.runner.RAY_TRAIN_SETTINGS`); and, for the job's first stage, the
 first fit of a Ray session, in a new process as a job's driver is (it also imports Ray Train and starts Ray Train's
-session-wide actors). Last, what makes up kdpipe's share: what a stage's workers do at start beyond an empty fit's
-(importing the training stack, rank 0 opening the job's MLflow store), each timed alone in a new process.
+session-wide actors). Then what the floor is made of: the processes Ray starts for one more empty fit, by when each
+started. Last, what makes up kdpipe's share: what a stage's workers do at start beyond an empty fit's (importing the
+training stack, rank 0 opening the job's MLflow store), each timed alone in a new process.
 
     .venv/bin/python bench/step.py                        # the quickstart's models on CPU
     python bench/step.py --device cuda --teacher resnet50 --student resnet18 --size 224 --batch 256 \\
         --precision bf16 --no-stage                       # on a GPU without Ray: (a) and (b) only
 
-Prints images/s and the ratios engine / bare and stage / bare, then the stages' fixed costs, the floors, and kdpipe's
-share of a worker's start.
+Prints images/s and the ratios engine / bare and stage / bare, then the stages' fixed costs, the floors and their
+processes, and kdpipe's share of a worker's start.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -182,6 +184,38 @@ def floors(storage: str, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def floor_processes(storage: str) -> tuple[list[tuple[float, str]], float]:
+    """One more empty fit, watched: the processes Ray starts for it (or hands an idle pooled one), each by its Ray
+    title (an actor's class) and when it started, in seconds after `fit()` was called; and when `fit()` returned.
+    Watching /proc every 50 ms costs some CPU, so this fit is none of the floor's."""
+    import psutil
+
+    def title(process: psutil.Process) -> str:
+        # An actor's process is titled by its class while idle, by its running method otherwise.
+        return " ".join(process.info["cmdline"] or []).removeprefix("ray::").split(".")[0].strip()
+
+    before = {process.info["pid"]: title(process) for process in psutil.process_iter(["pid", "cmdline"])}
+    started_at: dict[int, tuple[float, str]] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for process in psutil.process_iter(["pid", "cmdline", "create_time"]):
+                pid, name = process.info["pid"], title(process)
+                if name[:1].isupper() and name != "IDLE" and name != before.get(pid):
+                    at, pooled = (time.time(), " (pooled)") if pid in before else (process.info["create_time"], "")
+                    started_at.setdefault(pid, (at, name + pooled))
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=watch)
+    called = time.time()
+    watcher.start()
+    seconds = empty_fit(storage)
+    done.set()
+    watcher.join()
+    return sorted((at - called, name) for at, name in started_at.values()), seconds
+
+
 WORKER_START = """
 import time
 import ray.train.torch  # an empty fit's workers import this much too
@@ -291,6 +325,7 @@ def main() -> None:
         # the stage with the faster of the two.
         bare_after = max(images_per_second(loops["bare PyTorch loop"], batches, args.steps, device) for _ in range(2))
         floor = floors(str(Path(folder) / "floor"), args.floor_repeats)
+        processes, watched = floor_processes(str(Path(folder) / "floor"))
         start = worker_start(stage_job(args, Path(folder))["tracking"]["uri"])
     bare = max(bare, bare_after)
     student = figures["student"]["rate"]
@@ -313,6 +348,9 @@ def main() -> None:
             f"{stage['fixed'] / floor['Ray Train defaults']:4.2f}x with Ray's defaults"
         )
         print(f"  {name:8s} stage: {stage['fixed']:5.1f} s fixed of {stage['wall']:5.1f} s   {beside}")
+    print("what the floor is made of: the processes Ray starts for one more empty fit, by when each started")
+    started = ", ".join(f"+{at:.1f} s {title}" for at, title in processes)
+    print(f"  {started}; fit() returned at +{watched:.1f} s")
     print("what a stage's workers do at start beyond an empty fit's, each timed alone in a new process:")
     parts = ", ".join(f"{name} {start[name]:.1f} s" for name in ("torch._dynamo", "mlflow", "the rest of the stack"))
     print(f"  importing the training stack       {start['training stack']:6.1f} s   every worker: {parts}")
