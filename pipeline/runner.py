@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline import artifacts
 from pipeline.data import prepare_data, steps_per_epoch
 from pipeline.plan import Plan
-from pipeline.spec import CheckpointSpec, TeacherCacheMode, TopKCache, WorkersSpec
+from pipeline.spec import TeacherCacheMode, TopKCache, WorkersSpec
 from pipeline.task import StageTask, TeacherRef, run_stage
 from pipeline.tracking import TAG_VALUES, Lease, Tracker, TrackingError, lease_seconds, run_is_live
 
@@ -116,9 +116,10 @@ def storage_holds(storage: str, name: str) -> bool:
 
 
 def launch_stage(
-    task: StageTask, workers: WorkersSpec, storage: str, checkpointing: CheckpointSpec, callbacks: list | None = None
+    task: StageTask, workers: WorkersSpec, storage: str, restarts: int, callbacks: list | None = None
 ) -> None:
-    """One stage (or one trial of a search) as one Ray Train run; raises if it failed."""
+    """One stage (or one trial of a search) as one Ray Train run, whose worker group Ray Train restarts up to
+    `restarts` times after a failure; raises if it failed."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -138,7 +139,7 @@ def launch_stage(
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             # A dead worker restarts the whole group from the latest checkpoint (`ray.train.get_checkpoint()`).
-            failure_config=FailureConfig(max_failures=checkpointing.max_restarts),
+            failure_config=FailureConfig(max_failures=restarts),
             callbacks=callbacks,
         ),
     )
@@ -303,7 +304,7 @@ class JobRunner:
         )
         outcome.status, outcome.seconds = "running", time.perf_counter()
         if stage.spec.search is None:
-            future = pool.submit(launch_stage, task, stage.spec.workers, self.storage, job.checkpoint)
+            future = pool.submit(launch_stage, task, stage.spec.workers, self.storage, job.checkpoint.max_restarts)
         else:
             from pipeline.search import SearchTask, run_search
 

@@ -111,8 +111,9 @@ def with_objective(result: dict, metric: str, epochs_done: int) -> dict:
 def run_trial(config: dict, search: SearchTask) -> None:
     """Ray Tune's function trainable: one trial, as its own MLflow run and its own Ray Train run.
 
-    A trial Tune restores after its driver died runs this again with the same trial id: its MLflow run is found and
-    continued (Train resumes from its checkpoints); one that had already finished only reports its result again."""
+    A trial Tune restores after its driver died, or runs again after one of its workers died, runs this again with the
+    same trial id: its MLflow run is found and continued (Train resumes from its checkpoints); one that had already
+    finished only reports its result again."""
     from pipeline.runner import launch_stage
 
     task, spec = search.stage, search.spec
@@ -134,9 +135,11 @@ def run_trial(config: dict, search: SearchTask) -> None:
     run_id = run.info.run_id
     trial_task = dataclasses.replace(task, config=trial.config, run_id=run_id, artifact_uri=run.info.artifact_uri)
     # A failure ends the run FAILED on the driver (`TrialLog`): here, a trial stopped by ASHA can fail as it goes.
-    launch_stage(
-        trial_task, search.workers, search.storage, search.checkpoint, [EpochResults(spec.metric, search.epochs)]
-    )
+    # Ray Train never restarts a trial's workers; Tune restarts the trial instead (`run_search`). ASHA stops a trial
+    # by killing its actor, and when the trial's workers die before its Train controller does, a controller allowed
+    # to restart them asks for a new placement group and dies before handing it to Ray Train's cleaner: nothing
+    # removes it while the job lives, and every later trial waits for its CPUs forever.
+    launch_stage(trial_task, search.workers, search.storage, 0, [EpochResults(spec.metric, search.epochs)])
     tracker.finish(run_id, "FINISHED")
     tune.report(with_objective(tracker.latest_metrics(run_id), spec.metric, search.epochs))
 
@@ -278,7 +281,14 @@ def run_search(search: SearchTask, name: str) -> dict[str, Any]:
                 num_samples=spec.trials,
                 max_concurrent_trials=trials_at_once(spec, search.workers),
             ),
-            run_config=tune.RunConfig(name=name, storage_path=search.storage, verbose=0, callbacks=[TrialLog(search)]),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=search.storage,
+                verbose=0,
+                callbacks=[TrialLog(search)],
+                # A trial whose worker died runs again and goes on from its last checkpoint (`run_trial`).
+                failure_config=tune.FailureConfig(max_failures=search.checkpoint.max_restarts),
+            ),
         )
     tuner.fit()
     return record_search(search, {trial.trial_id for trial in tune.ExperimentAnalysis(path).trials})

@@ -250,7 +250,7 @@ class CheckpointSpec(Strict):
         2,
         ge=0,
         le=1000,
-        description="times Ray Train restarts a stage's workers from the latest checkpoint after a failure",
+        description="times a stage's workers (a search's trial) restart from the latest checkpoint after a failure",
     )
 
 

@@ -1,9 +1,9 @@
 """Issue 13: a stage's `search:` block runs a Ray Tune search whose trials are the stage itself, each a 2-worker
 DeepSpeed run over gloo, on the session's 2-CPU Ray (one trial fits at a time, `max_concurrent` unset).
 
-One search, interrupted for real: the driver is killed by pid while the second trial trains; the rerun continues
-the search. Then a third run trains nothing. What a changed search retrains: `test_fingerprint`; bad `search:`
-blocks: `test_bad_input`.
+One search, interrupted for real: a Ray Train worker of the first trial is killed by pid (Tune runs the trial again,
+from its checkpoint), then the driver while the second trial trains; the rerun continues the search. Then a third
+run trains nothing. What a changed search retrains: `test_fingerprint`; bad `search:` blocks: `test_bad_input`.
 
 The searched stage distils from the finished chain's teacher (reused, in the chain's MLflow and workdir) on another
 seed than the chain's students, so its views are new to the teacher-output cache: issue 15's search fills the
@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+from ray import tune
 from safetensors.torch import load_file
 
 from pipeline import artifacts
 from pipeline.cli import main
 from pipeline.models import load_weights
 from pipeline.plan import load_plan
-from pipeline.runner import run_job
+from pipeline.runner import ray_run_name, run_job
 from pipeline.tracking import TAG_BEST_TRIAL, TAG_PRUNED, TAG_RESUMED, TAG_TRIAL, Tracker
 from tests.conftest import (
     CHAIN,
@@ -37,7 +38,7 @@ from tests.conftest import (
     tiny_job,
     write_job,
 )
-from tests.test_resume import wait_until_workers_exit
+from tests.test_resume import train_workers, wait_until_workers_exit
 
 TRIALS, EPOCHS, STEPS = 3, 2, CHAIN_STEPS_PER_EPOCH
 PARENT = "mlflow.parentRunId"
@@ -73,6 +74,17 @@ def trial_runs(tracker: Tracker) -> list:
     return tracker.client.search_runs([experiment.experiment_id], which, order_by=["attributes.start_time ASC"])
 
 
+def kill_a_worker_of_the_first_trial(storage: Path, driver: subprocess.Popen) -> None:
+    """SIGKILL a Ray Train worker once the first trial's Ray Train run holds a checkpoint: its controller has written
+    the run's checkpoint list into Ray Train's storage (watched on disk: the trial trains for a few seconds, and
+    polling MLflow could miss them)."""
+    deadline = time.monotonic() + 400
+    while not any(storage.glob("search-searched-*/checkpoint_manager_snapshot.json")):
+        assert time.monotonic() < deadline and driver.poll() is None, "no checkpoint of the first trial"
+        time.sleep(0.05)
+    train_workers()[0].send_signal(signal.SIGKILL)
+
+
 def wait_for_second_trial(tracker: Tracker, driver: subprocess.Popen) -> None:
     """Until the first trial finished and the second one saved a checkpoint."""
     deadline = time.monotonic() + 400
@@ -95,13 +107,15 @@ def live_placement_groups() -> list:
 def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream(ray_local, finished_chain, capsys):
     """Points 1-4: ASHA prunes, trials nest under the stage run under the job run, the pupil learns from the best
     trial's weights, no placement group is left, a killed driver's search continues (finished trials kept, the
-    interrupted one resumed in its own run, exactly `trials` runs), and a rerun trains nothing."""
+    interrupted one resumed in its own run, exactly `trials` runs), and a rerun trains nothing. A trial whose
+    worker died is run again by Tune and goes on from its checkpoint in its own run."""
     root = finished_chain[0]
     job = tiny_job(root, STAGES, **CHAIN_DATA)
     job.update(name="search", checkpoint={"every_steps": 4, "every_minutes": 0})
     path = write_job(root / "search.yaml", job)
     tracker = Tracker(job["tracking"]["uri"])
     driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=cluster_env(ray_local), stderr=subprocess.DEVNULL)
+    kill_a_worker_of_the_first_trial(root / "out" / "ray", driver)
     wait_for_second_trial(tracker, driver)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
@@ -124,9 +138,16 @@ def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream
     resumed = tracker.client.get_run(ids[1])
     assert resumed.data.tags[TAG_RESUMED].startswith(stored[-1])
     # Its step count goes on: epoch e ends at step (e + 1) * steps-per-epoch (an epoch the kill cut short of its
-    # next checkpoint ends twice, at the same step).
-    steps = {(m.step, int(m.value)) for m in tracker.client.get_metric_history(ids[1], "global_step")}
-    assert steps == {(epoch, (epoch + 1) * STEPS) for epoch in range(max(step for step, _ in steps) + 1)}
+    # next checkpoint ends twice, at the same step). So do the first trial's, run again by Tune after its worker
+    # died: from Ray Train's checkpoint, in its own run, to its last epoch.
+    for run_id in ids[:2]:
+        steps = {(m.step, int(m.value)) for m in tracker.client.get_metric_history(run_id, "global_step")}
+        assert steps == {(epoch, (epoch + 1) * STEPS) for epoch in range(max(step for step, _ in steps) + 1)}
+    assert tracker.client.get_run(ids[0]).data.tags[TAG_RESUMED].endswith("(Ray Train checkpoint)")
+    assert tracker.client.get_run(ids[0]).data.metrics["global_step"] == EPOCHS * STEPS
+    experiment = Path(job["workdir"]) / "ray" / ray_run_name("search", "searched", searched.run_id)
+    failures = {trial.trial_id: trial.num_failures for trial in tune.ExperimentAnalysis(str(experiment)).trials}
+    assert failures[first.data.tags[TAG_TRIAL]] == 1 and sum(failures.values()) == 1, failures
     # Nesting: job run > stage run > trial runs.
     stage_run = tracker.client.get_run(searched.run_id)
     assert tracker.client.get_run(stage_run.data.tags[PARENT]).data.tags["kdpipe.kind"] == "job"
