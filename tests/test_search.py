@@ -113,9 +113,9 @@ def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream
     job = tiny_job(root, STAGES, **CHAIN_DATA)
     job.update(name="search", checkpoint={"every_steps": 4, "every_minutes": 0})
     path = write_job(root / "search.yaml", job)
-    tracker = Tracker(job["tracking"]["uri"])
+    tracker, storage = Tracker(job["tracking"]["uri"]), Path(job["workdir"]) / "ray"  # Ray Train's and Tune's
     driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=cluster_env(ray_local), stderr=subprocess.DEVNULL)
-    kill_a_worker_of_the_first_trial(root / "out" / "ray", driver)
+    kill_a_worker_of_the_first_trial(storage, driver)
     wait_for_second_trial(tracker, driver)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
@@ -145,7 +145,7 @@ def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream
         assert steps == {(epoch, (epoch + 1) * STEPS) for epoch in range(max(step for step, _ in steps) + 1)}
     assert tracker.client.get_run(ids[0]).data.tags[TAG_RESUMED].endswith("(Ray Train checkpoint)")
     assert tracker.client.get_run(ids[0]).data.metrics["global_step"] == EPOCHS * STEPS
-    experiment = Path(job["workdir"]) / "ray" / ray_run_name("search", "searched", searched.run_id)
+    experiment = storage / ray_run_name("search", "searched", searched.run_id)
     failures = {trial.trial_id: trial.num_failures for trial in tune.ExperimentAnalysis(str(experiment)).trials}
     assert failures[first.data.tags[TAG_TRIAL]] == 1 and sum(failures.values()) == 1, failures
     # Nesting: job run > stage run > trial runs.
