@@ -12,15 +12,15 @@ Ray Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only repor
 default settings and with kdpipe's (`pipeline.runner.RAY_TRAIN_SETTINGS`); and, for the job's first stage, the
 first fit of a Ray session, in a new process as a job's driver is (it also imports Ray Train and starts Ray Train's
 session-wide actors). Then what the floor is made of: the processes Ray starts for one more empty fit, by when each
-started. Last, what makes up kdpipe's share: what a stage's workers do at start beyond an empty fit's (importing the
-training stack, rank 0 opening the job's MLflow store), each timed alone in a new process.
+started. Last, the largest part of kdpipe's share: what a stage's workers import at start beyond an empty fit's,
+timed alone in a new process.
 
     .venv/bin/python bench/step.py                        # the quickstart's models on CPU
     python bench/step.py --device cuda --teacher resnet50 --student resnet18 --size 224 --batch 256 \\
         --precision bf16 --no-stage                       # on a GPU without Ray: (a) and (b) only
 
 Prints images/s and the ratios engine / bare and stage / bare, then the stages' fixed costs, the floors and their
-processes, and kdpipe's share of a worker's start.
+processes, and what a worker imports beyond an empty fit's.
 """
 
 from __future__ import annotations
@@ -216,22 +216,11 @@ def floor_processes(storage: str) -> tuple[list[tuple[float, str]], float]:
     return sorted((at - called, name) for at, name in started_at.values()), seconds
 
 
-WORKER_START = """
-import time
-import ray.train.torch  # an empty fit's workers import this much too
-import pipeline.stage
-from pipeline.tracking import Tracker
-started = time.perf_counter()
-Tracker({uri!r}).experiment_id("bench")
-print(time.perf_counter() - started)
-"""
-
-
-def worker_start(uri: str) -> dict[str, float]:
-    """What a stage's worker does at start beyond an empty fit's, in seconds, timed alone in a new process
-    (`python -X importtime`): importing the training stack (`pipeline.stage`), split into its largest parts, and
-    rank 0 opening the job's MLflow store (`uri`, which exists: importing MLflow's SQL store and opening it)."""
-    command = [sys.executable, "-X", "importtime", "-c", WORKER_START.format(uri=uri)]
+def worker_start() -> dict[str, float]:
+    """What a stage's worker imports beyond an empty fit's, in seconds, timed alone in a new process
+    (`python -X importtime`): the training stack (`pipeline.stage`), and its largest parts."""
+    imports = "import ray.train.torch; import pipeline.stage"  # an empty fit's workers import the first too
+    command = [sys.executable, "-X", "importtime", "-c", imports]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     cumulative: dict[str, float] = {}
     for line in done.stderr.splitlines():  # "import time: self [us] | cumulative | name", nested names indented
@@ -240,8 +229,7 @@ def worker_start(uri: str) -> dict[str, float]:
             cumulative.setdefault(fields[2].strip(), int(fields[1]) / 1e6)
     stack = cumulative["pipeline.stage"]
     parts = {name: cumulative.get(name, 0.0) for name in ("torch._dynamo", "mlflow")}
-    store = float(done.stdout.split()[-1])
-    return {"training stack": stack, **parts, "the rest of the stack": stack - sum(parts.values()), "store": store}
+    return {"training stack": stack, **parts, "the rest of the stack": stack - sum(parts.values())}
 
 
 def stage_figures(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
@@ -326,7 +314,7 @@ def main() -> None:
         bare_after = max(images_per_second(loops["bare PyTorch loop"], batches, args.steps, device) for _ in range(2))
         floor = floors(str(Path(folder) / "floor"), args.floor_repeats)
         processes, watched = floor_processes(str(Path(folder) / "floor"))
-        start = worker_start(stage_job(args, Path(folder))["tracking"]["uri"])
+        start = worker_start()
     bare = max(bare, bare_after)
     student = figures["student"]["rate"]
     print(f"  {'bare PyTorch loop, after (c)':34s} {bare_after:9.1f} images/s")
@@ -351,11 +339,10 @@ def main() -> None:
     print("what the floor is made of: the processes Ray starts for one more empty fit, by when each started")
     started = ", ".join(f"+{at:.1f} s {title}" for at, title in processes)
     print(f"  {started}; fit() returned at +{watched:.1f} s")
-    print("what a stage's workers do at start beyond an empty fit's, each timed alone in a new process:")
+    print("what a stage's workers import at start beyond an empty fit's, timed alone in a new process:")
     parts = ", ".join(f"{name} {start[name]:.1f} s" for name in ("torch._dynamo", "mlflow", "the rest of the stack"))
     print(f"  importing the training stack       {start['training stack']:6.1f} s   every worker: {parts}")
     print("  (torch._dynamo is what the first torch.optim optimizer of any training process imports)")
-    print(f"  opening the job's MLflow store     {start['store']:6.1f} s   rank 0, for metrics and tags")
 
 
 if __name__ == "__main__":

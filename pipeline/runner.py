@@ -179,7 +179,7 @@ class JobRunner:
             for name, stage in ((name, plan.stages[name]) for name in plan.order)
         }
         self.running: dict[Future, str] = {}
-        self.board = None
+        self.board = self.tracking_actor = None
         self.renewed = time.monotonic()
 
     def run(self, force: tuple[str, ...], on_poll) -> dict[str, StageOutcome]:
@@ -336,9 +336,11 @@ class JobRunner:
 
     def start_ray(self) -> None:
         from pipeline.progress import open_board
+        from pipeline.tracking_actor import open_tracking_actor
 
         ensure_ray(self.verbose)
         self.board = open_board(self.job.name)
+        self.tracking_actor = open_tracking_actor(self.job.name, self.tracker.uri)
 
     def finish(self, future: Future) -> None:
         name = self.running.pop(future)
@@ -377,7 +379,8 @@ class JobRunner:
         return live
 
     def release(self) -> None:
-        """On the way out: runs still held (an interrupt, an error) may be taken over at once; the board goes."""
+        """On the way out: runs still held (an interrupt, an error) may be taken over at once; the board and the
+        tracking actor go."""
         with contextlib.suppress(TrackingError):
             for name in self.running.values():
                 self.tracker.release(self.outcomes[name].run_id)
@@ -385,6 +388,7 @@ class JobRunner:
             import ray
 
             ray.kill(self.board)
+            ray.kill(self.tracking_actor)
 
 
 def one_line(err: BaseException) -> str:

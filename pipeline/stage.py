@@ -9,7 +9,8 @@ and a progress reporter.
 The sink writes each checkpoint once as a folder and hands it both to Ray Train (`ray.train.report`: worker
 restarts) and to the stage's MLflow run (a later `kdpipe run` anywhere); rank 0 logs each epoch's metrics and the
 method's plot, and reports progress to the driver's board. Every rank moves files through the run's artifact URI
-(`RunArtifacts`); rank 0 alone opens the tracking store, for metrics and tags.
+(`RunArtifacts`); rank 0 alone logs metrics and tags, through the job's tracking actor (the store the driver
+opened once).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from pipeline.progress import report_progress
 from pipeline.spec import StageSpec
 from pipeline.task import StageTask, TeacherRef
 from pipeline.teacher_cache import CachedTeacher, Exact, TeacherCache, TeacherCaches, TopK
-from pipeline.tracking import TAG_CHECKPOINT, TAG_NODE, TAG_RESUMED, RunArtifacts, Tracker
+from pipeline.tracking import TAG_CHECKPOINT, TAG_NODE, TAG_RESUMED, RunArtifacts
+from pipeline.tracking_actor import ActorTracker
 
 PROBE_SIZE = 16
 PROGRESS_EVERY = 10  # steps between progress reports (each reads the loss: a device sync)
@@ -52,7 +54,7 @@ PROGRESS_EVERY = 10  # steps between progress reports (each reads the loss: a de
 class StageCheckpoints:
     """The engine's checkpoint sink: Ray Train and the stage's MLflow run (`tracker`: rank 0's, None elsewhere)."""
 
-    def __init__(self, task: StageTask, files: RunArtifacts, tracker: Tracker | None, engine: Engine):
+    def __init__(self, task: StageTask, files: RunArtifacts, tracker: ActorTracker | None, engine: Engine):
         self.task, self.files, self.tracker, self.engine = task, files, tracker, engine
         self.clock = CheckpointClock(task.checkpoint, 0, engine.device)
 
@@ -112,7 +114,7 @@ class RunLog:
     """The engine's epoch log: rank 0 writes each epoch's metrics to the MLflow run, and the method's per-epoch
     values (a schedule, learned weights) so far as `plots/<method>.png` (`tracker`: rank 0's, None elsewhere)."""
 
-    def __init__(self, tracker: Tracker | None, files: RunArtifacts, run_id: str, stage: StageSpec):
+    def __init__(self, tracker: ActorTracker | None, files: RunArtifacts, run_id: str, stage: StageSpec):
         self.tracker, self.files, self.run_id, self.stage = tracker, files, run_id, stage
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], method_values: dict[str, float]) -> None:
@@ -201,7 +203,7 @@ def stage_loop(config: dict) -> None:
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     files, tracker = RunArtifacts(task.artifact_uri, task.tracking_uri), None
     if rank == 0:
-        tracker = Tracker(task.tracking_uri)
+        tracker = ActorTracker(task.job)
         tracker.set_tags(task.run_id, {f"{TAG_NODE}.{r}": node for r, node in enumerate(nodes)})
 
     data = open_data(task.data, task.reading, task.seed, rank, world, pin_memory=device.type == "cuda")

@@ -4,7 +4,7 @@ place; what the artifacts are is `pipeline.artifacts`'s business, not this modul
 
 Runs are addressed through an explicit `MlflowClient`, never MLflow's global "active run", so the driver and every
 Ray worker can log to the same run at once. A run's files move through `RunArtifacts`, which needs the run's
-artifact URI alone: of a stage's ranks, only rank 0 (metrics and tags) opens the tracking store.
+artifact URI alone: of a stage's ranks, only rank 0 logs metrics and tags (`pipeline.tracking_actor`).
 """
 
 from __future__ import annotations

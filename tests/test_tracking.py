@@ -1,5 +1,5 @@
 """`RunArtifacts`, in one process against real stores: a stage's ranks move their run's files through its artifact
-URI alone, without the tracking store that rank 0 keeps for metrics and tags."""
+URI alone, without the tracking store; and rank 0's metrics and tags, through the job's tracking actor."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from pipeline.tracking import RunArtifacts, Tracker, TrackingError
+from pipeline.tracking_actor import ActorTracker, open_tracking_actor
 
 
 def test_a_runs_files_move_by_its_artifact_uri_without_opening_the_tracking_store(tmp_path):
@@ -45,3 +46,23 @@ def test_an_unreachable_tracking_server_is_one_line_naming_it(monkeypatch, tmp_p
     with pytest.raises(TrackingError, match=f"^MLflow tracking at {uri} failed: ") as failure:
         files.log_files([tmp_path / "rank-0.pt"], "checkpoints/step-2")
     assert "\n" not in str(failure.value)
+
+
+def test_rank_0_logs_through_the_jobs_tracking_actor_and_its_failures_arrive_as_tracking_errors(ray_local, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri)
+    run_id = tracker.start_job_run(tracker.experiment_id("actor"), "job", {})
+    actor = open_tracking_actor("actor-test", uri)
+    remote = ActorTracker("actor-test")  # as rank 0 finds it: by the job's name
+
+    remote.log_metrics(run_id, {"train/loss": 0.5, "val/top1": 0.25}, step=3)
+    remote.set_tags(run_id, {"kdpipe.node.0": "node-a"})
+
+    assert remote.metric_history(run_id, ["train/loss"]) == {"train/loss": [(3, 0.5)]}
+    run = tracker.get_run(run_id)  # the driver's own store sees it
+    assert run.data.metrics == {"train/loss": 0.5, "val/top1": 0.25}
+    assert run.data.tags["kdpipe.node.0"] == "node-a"
+    with pytest.raises(TrackingError, match="^MLflow tracking at .* failed: ") as failure:
+        remote.set_tags("no-such-run", {"kdpipe.node.0": "node-a"})
+    assert "\n" not in str(failure.value)  # the actor's own one-line error, not Ray's traceback around it
+    ray_local.kill(actor)
