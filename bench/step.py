@@ -4,9 +4,11 @@ process, (c) a whole kdpipe stage through Ray Train; and (c)'s fixed start/end c
 (a) and (b) train the same student on the same batches, already on the device (no data loading in either), with
 the same models (`pipeline.models` builds the networks; the loop, the loss and the optimizer of (a) are written
 below, and the KD teacher is a fresh network: its weights do not change the cost). They alternate for `--rounds`
-rounds and each keeps its best round. (c) runs a teacher stage (labels only) and a student stage (`--method`) of
-a job on Fashion-MNIST held in memory, resized to `--size` and normalized per batch, without augmentation (so
-augmentation is counted in neither); a stage's steady rate is its best epoch after the first, from the
+rounds; each round's engine rate is divided by the bare loop's rate of the same round, and the median of those
+ratios counts (this machine's speed drifts over minutes and jumps for seconds: comparing each side's best round
+swung from 0.89x to 1.10x between runs of the same code). (c) runs a teacher stage (labels only) and a student
+stage (`--method`) of a job on Fashion-MNIST held in memory, resized to `--size` and normalized per batch, without
+augmentation (so augmentation is counted in neither); a stage's steady rate is its best epoch after the first, from the
 `images_per_second` it logs over its training steps. A stage's fixed cost is its wall time minus its epochs'.
 Ray Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports), timed with Ray Train's
 default settings and with kdpipe's (`pipeline.runner.RAY_TRAIN_SETTINGS`); and, for the job's first stage, the
@@ -263,7 +265,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round of (a) and (b)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of (a) and (b); best counts")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of (a) and (b)")
     parser.add_argument("--no-stage", dest="stage", action="store_false", help="skip (c) and the floors (no Ray)")
     parser.add_argument("--workers", type=int, default=2, help="(c): Ray Train workers per stage (default 2)")
     parser.add_argument("--stage-epochs", type=int, default=3, help="(c): epochs per stage (default 3)")
@@ -293,16 +295,18 @@ def main() -> None:
         for _ in range(4)
     ]
     loops = {"bare PyTorch loop": bare_loop(args, device), "kdpipe engine, 1 process": engine_loop(args, device)}
-    best = dict.fromkeys(loops, 0.0)
+    rates: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(args.rounds):
         for name, step in loops.items():
-            best[name] = max(best[name], images_per_second(step, batches, args.steps, device))
-    bare = best["bare PyTorch loop"]
+            rates[name].append(images_per_second(step, batches, args.steps, device))
+    bare_rounds = rates["bare PyTorch loop"]
     what = f"{args.method} {args.teacher} -> {args.student}" if args.method == "kd" else f"ce {args.student}"
     backend = f"{torch.distributed.get_backend()} group of {torch.distributed.get_world_size()}"
     print(f"{what}, {args.size} px, batch {args.batch}, {args.precision}, {args.device}; engine: {backend}", flush=True)
-    for name, rate in best.items():
-        print(f"  {name:34s} {rate:9.1f} images/s   {rate / bare:5.2f}x bare")
+    for name, values in rates.items():
+        ratio = statistics.median(value / bare for value, bare in zip(values, bare_rounds, strict=True))
+        median = statistics.median(values)
+        print(f"  {name:34s} {median:9.1f} images/s   {ratio:5.2f}x bare (median of {args.rounds} same-round ratios)")
     if not args.stage:
         return
 
@@ -315,7 +319,7 @@ def main() -> None:
         floor = floors(str(Path(folder) / "floor"), args.floor_repeats)
         processes, watched = floor_processes(str(Path(folder) / "floor"))
         start = worker_start()
-    bare = max(bare, bare_after)
+    bare = max(*bare_rounds, bare_after)
     student = figures["student"]["rate"]
     print(f"  {'bare PyTorch loop, after (c)':34s} {bare_after:9.1f} images/s")
     print(
