@@ -1,21 +1,22 @@
 """Training throughput side by side, in one run: (a) a bare PyTorch loop written here, (b) kdpipe's engine in one
 process, (c) a whole kdpipe stage through Ray Train; and (c)'s fixed start/end cost beside Ray Train's own floor.
 
-(a) and (b) train the same student on the same batches, already on the device (no data loading in either), with
-the same models (`pipeline.models` builds the networks; the loop, the loss and the optimizer of (a) are written
-below, and the KD teacher is a fresh network: its weights do not change the cost). They alternate for `--rounds`
-rounds; each round's engine rate is divided by the bare loop's rate of the same round, and the median of those
-ratios counts (this machine's speed drifts over minutes and jumps for seconds: comparing each side's best round
-swung from 0.89x to 1.10x between runs of the same code). (c) runs a teacher stage (labels only) and a student
-stage (`--method`) of a job on Fashion-MNIST held in memory, resized to `--size` and normalized per batch, without
-augmentation (so augmentation is counted in neither); a stage's steady rate is its best epoch after the first, from the
-`images_per_second` it logs over its training steps. A stage's fixed cost is its wall time minus its epochs'.
-Ray Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports), timed with Ray Train's
-default settings and with kdpipe's (`pipeline.runner.RAY_TRAIN_SETTINGS`); and, for the job's first stage, the
-first fit of a Ray session, in a new process as a job's driver is (it also imports Ray Train and starts Ray Train's
-session-wide actors). Then what the floor is made of: the processes Ray starts for one more empty fit, by when each
-started. Last, the largest part of kdpipe's share: what a stage's workers import at start beyond an empty fit's,
-timed alone in a new process.
+(a) and (b) train the same student on the same batches, already on the device (no data loading in either), with the
+same models (`pipeline.models` builds the networks; the loop, the loss and the optimizer of (a) are written below,
+and the KD teacher is a fresh network: its weights do not change the cost). They alternate for `--rounds` rounds;
+each round's engine rate is divided by the bare loop's rate of the same round, and the median of those ratios counts
+(this machine's speed drifts over minutes and jumps for seconds: comparing each side's best round swung from 0.89x
+to 1.10x between runs of the same code). (c) runs a teacher stage (labels only) and a student stage (`--method`) of
+a job on Fashion-MNIST held in memory, resized to `--size` and normalized per batch, without augmentation (so
+augmentation is counted in neither); a stage's steady rate is its best epoch after the first, from the
+`images_per_second` it logs over its training steps. A stage's fixed cost is its wall time minus its epochs'. Ray
+Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports), timed with Ray Train's default
+settings and with kdpipe's (`pipeline.runner.RAY_TRAIN_SETTINGS`); and, for the job's first stage, the first fit of
+a Ray session, in a new process as a job's driver is (it also imports Ray Train and starts Ray Train's session-wide
+actors). Then what the floor is made of: the processes Ray starts for one more empty fit, by when each started. Each
+fixed cost and floor is split into its start (to the first epoch, or to the empty loop) and its end, by the times
+MLflow holds and the empty loop reports. Last, the largest part of kdpipe's share: what a stage's workers import at
+start beyond an empty fit's, timed alone in a new process.
 
     .venv/bin/python bench/step.py                        # the quickstart's models on CPU
     python bench/step.py --device cuda --teacher resnet50 --student resnet18 --size 224 --batch 256 \\
@@ -142,37 +143,46 @@ def stage_job(args: argparse.Namespace, root: Path) -> dict:
     }
 
 
-def empty_fit(storage: str) -> float:
+def empty_fit(storage: str) -> tuple[float, float]:
     """Seconds of a 2-worker `TorchTrainer.fit()` whose loop only reports: Ray Train's own start and end (and
-    its import, the first time in a process)."""
-    started = time.perf_counter()
+    its import, the first time in a process); and how many of them passed before the loop ran (its start), which
+    rank 0 writes beside the run's storage (the bench runs on one machine)."""
+    called = time.time()  # wall clock: the loop runs in other processes
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     def loop(config: dict) -> None:
+        if ray.train.get_context().get_world_rank() == 0:
+            Path(config["mark"]).write_text(str(time.time()))
         ray.train.report({"done": 1})
 
+    name = f"floor-{time.time_ns()}"
+    mark = Path(storage) / f"{name}.loop-started"
+    mark.parent.mkdir(parents=True, exist_ok=True)
     TorchTrainer(
         loop,
+        train_loop_config={"mark": str(mark)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=f"floor-{time.time_ns()}", storage_path=storage),
+        run_config=RunConfig(name=name, storage_path=storage),
     ).fit()
-    return time.perf_counter() - started
+    return time.time() - called, float(mark.read_text()) - called
 
 
-def first_fit(storage: str) -> float:
+def first_fit(storage: str) -> tuple[float, float]:
     """The empty fit as a job's first stage meets it: in a new process that has just started Ray as `kdpipe run`
     does (this script again, with `--first-fit`)."""
     command = [sys.executable, __file__, "--first-fit", storage]
-    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+    seconds, start = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-2:]
+    return float(seconds), float(start)
 
 
-def floors(storage: str, repeats: int) -> dict[str, float]:
-    """The median empty fit with Ray Train's defaults and with kdpipe's settings, alternating."""
+def floors(storage: str, repeats: int) -> dict[str, tuple[float, float]]:
+    """The median empty fit with Ray Train's defaults and with kdpipe's settings, alternating: its seconds, and
+    those before its loop ran."""
     from pipeline.runner import RAY_TRAIN_SETTINGS
 
-    times: dict[str, list[float]] = {"Ray Train defaults": [], "kdpipe's settings": []}
+    times: dict[str, list[tuple[float, float]]] = {"Ray Train defaults": [], "kdpipe's settings": []}
     for _ in range(repeats):
         for name in times:
             saved = {key: os.environ.pop(key, None) for key in RAY_TRAIN_SETTINGS}
@@ -183,7 +193,7 @@ def floors(storage: str, repeats: int) -> dict[str, float]:
                 os.environ.pop(key, None)
                 if value is not None:
                     os.environ[key] = value
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistics.median_low(values) for name, values in times.items()}  # a fit, with its own start
 
 
 def floor_processes(storage: str) -> tuple[list[tuple[float, str]], float]:
@@ -212,7 +222,7 @@ def floor_processes(storage: str) -> tuple[list[tuple[float, str]], float]:
     watcher = threading.Thread(target=watch)
     called = time.time()
     watcher.start()
-    seconds = empty_fit(storage)
+    seconds, _ = empty_fit(storage)
     done.set()
     watcher.join()
     return sorted((at - called, name) for at, name in started_at.values()), seconds
@@ -235,7 +245,10 @@ def worker_start() -> dict[str, float]:
 
 
 def stage_figures(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
-    """Each stage's steady images/s and fixed cost from a real `run_job`."""
+    """Each stage's steady images/s and fixed cost from a real `run_job`, and where the fixed cost falls, from the
+    times MLflow holds (each epoch's metrics are logged as it ends; the run ends when the driver sees the stage
+    done): its start (launch to the first epoch), between epochs (checkpoints) and its end (after the last
+    epoch's metrics)."""
     from pipeline.plan import plan_job
     from pipeline.runner import run_job
     from pipeline.spec import JobSpec
@@ -250,8 +263,12 @@ def stage_figures(args: argparse.Namespace, root: Path) -> dict[str, dict[str, f
             raise SystemExit(f"stage {name} failed: {outcome.error}")
         history = tracker.metric_history(outcome.run_id, ["images_per_second", "epoch_seconds"])
         rates = [value for epoch, value in history["images_per_second"] if epoch > 0]
-        epochs = sum(value for _, value in history["epoch_seconds"])
-        figures[name] = {"rate": max(rates), "fixed": outcome.seconds - epochs, "wall": outcome.seconds}
+        epochs = sorted(tracker.client.get_metric_history(outcome.run_id, "epoch_seconds"), key=lambda m: m.step)
+        fixed = outcome.seconds - sum(m.value for m in epochs)
+        ended = tracker.get_run(outcome.run_id).info.end_time / 1000
+        start = epochs[0].timestamp / 1000 - epochs[0].value - (ended - outcome.seconds)
+        end = ended - epochs[-1].timestamp / 1000
+        figures[name] = {"rate": max(rates), "fixed": fixed, "wall": outcome.seconds, "start": start, "end": end}
     return figures
 
 
@@ -278,7 +295,7 @@ def main() -> None:
         from pipeline.runner import ensure_ray
 
         ensure_ray(verbose=False)
-        print(empty_fit(args.first_fit))
+        print(*empty_fit(args.first_fit))
         return
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -327,19 +344,24 @@ def main() -> None:
         f"{student / bare:5.2f}x bare (the student stage's best steady epoch, against the faster bare round)"
     )
     print("fixed cost per stage (wall time minus epochs), beside Ray Train's floor (an empty 2-worker fit):")
-    label = "floor, a Ray session's first fit"
-    print(f"  {label:34s} {first:6.1f} s   (kdpipe's settings, in a new driver process)")
-    for name, value in floor.items():
-        print(f"  floor with {name:23s} {value:6.1f} s")
-    lowered = floor["kdpipe's settings"]
+    fits = {"floor, a Ray session's first fit": first, **{f"floor with {name}": fit for name, fit in floor.items()}}
+    for label, (seconds, before_loop) in fits.items():
+        note = "   (kdpipe's settings, in a new driver process)" if label.endswith("first fit") else ""
+        print(f"  {label:34s} {seconds:6.1f} s   start {before_loop:4.1f} s, end {seconds - before_loop:3.1f} s{note}")
+    lowered, default = floor["kdpipe's settings"][0], floor["Ray Train defaults"][0]
     for index, (name, stage) in enumerate(figures.items()):
         beside = (
-            f"{stage['fixed'] / first:4.2f}x the first fit's floor (the job's first stage)"
+            f"{stage['fixed'] / first[0]:4.2f}x the first fit's floor (the job's first stage)"
             if index == 0
             else f"{stage['fixed'] / lowered:4.2f}x the floor with kdpipe's settings, "
-            f"{stage['fixed'] / floor['Ray Train defaults']:4.2f}x with Ray's defaults"
+            f"{stage['fixed'] / default:4.2f}x with Ray's defaults"
         )
         print(f"  {name:8s} stage: {stage['fixed']:5.1f} s fixed of {stage['wall']:5.1f} s   {beside}")
+        between = stage["fixed"] - stage["start"] - stage["end"]
+        print(
+            f"  {'':15s} start {stage['start']:4.1f} s (launch to the first epoch), {between:3.1f} s between epochs "
+            f"(checkpoints), end {stage['end']:3.1f} s (after the last epoch's metrics)"
+        )
     print("what the floor is made of: the processes Ray starts for one more empty fit, by when each started")
     started = ", ".join(f"+{at:.1f} s {title}" for at, title in processes)
     print(f"  {started}; fit() returned at +{watched:.1f} s")
