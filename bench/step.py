@@ -261,7 +261,7 @@ def stage_figures(args: argparse.Namespace, root: Path) -> dict[str, dict[str, f
     for name, outcome in outcomes.items():
         if not outcome.finished:
             raise SystemExit(f"stage {name} failed: {outcome.error}")
-        history = tracker.metric_history(outcome.run_id, ["images_per_second", "epoch_seconds"])
+        history = tracker.metric_history(outcome.run_id, ["images_per_second"])
         rates = [value for epoch, value in history["images_per_second"] if epoch > 0]
         epochs = sorted(tracker.client.get_metric_history(outcome.run_id, "epoch_seconds"), key=lambda m: m.step)
         fixed = outcome.seconds - sum(m.value for m in epochs)

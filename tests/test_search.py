@@ -26,7 +26,7 @@ from pipeline import artifacts
 from pipeline.cli import main
 from pipeline.models import load_weights
 from pipeline.plan import load_plan
-from pipeline.runner import ray_run_name, run_job
+from pipeline.runner import ray_run_name, run_job, storage_path
 from pipeline.tracking import TAG_BEST_TRIAL, TAG_PRUNED, TAG_RESUMED, TAG_TRIAL, Tracker
 from tests.conftest import (
     CHAIN,
@@ -113,7 +113,7 @@ def test_a_search_killed_mid_trial_resumes_and_its_best_trial_teaches_downstream
     job = tiny_job(root, STAGES, **CHAIN_DATA)
     job.update(name="search", checkpoint={"every_steps": 4, "every_minutes": 0})
     path = write_job(root / "search.yaml", job)
-    tracker, storage = Tracker(job["tracking"]["uri"]), Path(job["workdir"]) / "ray"  # Ray Train's and Tune's
+    tracker, storage = Tracker(job["tracking"]["uri"]), Path(storage_path(job["workdir"]))  # Ray Train's and Tune's
     driver = subprocess.Popen([*KDPIPE, "run", str(path)], env=cluster_env(ray_local), stderr=subprocess.DEVNULL)
     kill_a_worker_of_the_first_trial(storage, driver)
     wait_for_second_trial(tracker, driver)
