@@ -13,10 +13,11 @@ augmentation is counted in neither); a stage's steady rate is its best epoch aft
 Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports), timed with Ray Train's default
 settings and with kdpipe's (`pipeline.runner.RAY_TRAIN_SETTINGS`); and, for the job's first stage, the first fit of
 a Ray session, in a new process as a job's driver is (it also imports Ray Train and starts Ray Train's session-wide
-actors). Then what the floor is made of: the processes Ray starts for one more empty fit, by when each started. Each
-fixed cost and floor is split into its start (to the first epoch, or to the empty loop) and its end, by the times
-MLflow holds and the empty loop reports. Last, the largest part of kdpipe's share: what a stage's workers import at
-start beyond an empty fit's, timed alone in a new process.
+actors). Then what the floor is made of: the processes Ray starts for one more empty fit, by when each started, and
+their CPU seconds. Each fixed cost and floor is split into its start (to the first epoch, or to the empty loop) and
+its end, by the times MLflow holds and the empty loop reports, with how many cores were busy during each start (all
+of them: a start is CPU-bound, so CPU a stage adds there is wall time). Last, the largest part of kdpipe's share:
+what a stage's workers import at start beyond an empty fit's, timed alone in a new process.
 
     .venv/bin/python bench/step.py                        # the quickstart's models on CPU
     python bench/step.py --device cuda --teacher resnet50 --student resnet18 --size 224 --batch 256 \\
@@ -37,6 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +120,35 @@ def engine_loop(args: argparse.Namespace, device: torch.device):
     return engine.step
 
 
+class CoresBusy:
+    """How many of the machine's cores were busy between two moments of the run (every process: Ray's, the workers',
+    this one's), from the system's CPU times, read every 0.1 s in a thread (microseconds each)."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        import psutil
+
+        while not self.done.is_set():
+            times = psutil.cpu_times()  # guest time is inside user time already
+            busy = times.user + times.nice + times.system + getattr(times, "irq", 0) + getattr(times, "softirq", 0)
+            self.samples.append((time.time(), busy))
+            self.done.wait(0.1)
+
+    def between(self, start: float, end: float) -> float:
+        inside = [sample for sample in self.samples if start <= sample[0] <= end]
+        (first, before), (last, after) = inside[0], inside[-1]
+        return (after - before) / max(last - first, 1e-9)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 def stage_job(args: argparse.Namespace, root: Path) -> dict:
     """A teacher (labels only) and a student (`--method`) on Fashion-MNIST in memory, each `--stage-epochs`."""
     workers = {"count": args.workers, "gpus": 1 if args.device == "cuda" else 0}
@@ -143,10 +174,18 @@ def stage_job(args: argparse.Namespace, root: Path) -> dict:
     }
 
 
-def empty_fit(storage: str) -> tuple[float, float]:
-    """Seconds of a 2-worker `TorchTrainer.fit()` whose loop only reports: Ray Train's own start and end (and
-    its import, the first time in a process); and how many of them passed before the loop ran (its start), which
-    rank 0 writes beside the run's storage (the bench runs on one machine)."""
+class Fit(NamedTuple):
+    """An empty fit: its seconds, those that passed before its loop ran (its start), and when it was called."""
+
+    seconds: float
+    start: float
+    called: float  # wall clock
+
+
+def empty_fit(storage: str) -> Fit:
+    """A 2-worker `TorchTrainer.fit()` whose loop only reports: Ray Train's own start and end (and its import, the
+    first time in a process). Rank 0 writes when the loop ran beside the run's storage (the bench runs on one
+    machine)."""
     called = time.time()  # wall clock: the loop runs in other processes
     import ray.train
     from ray.train import RunConfig, ScalingConfig
@@ -166,23 +205,22 @@ def empty_fit(storage: str) -> tuple[float, float]:
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=name, storage_path=storage),
     ).fit()
-    return time.time() - called, float(mark.read_text()) - called
+    return Fit(time.time() - called, float(mark.read_text()) - called, called)
 
 
-def first_fit(storage: str) -> tuple[float, float]:
+def first_fit(storage: str) -> Fit:
     """The empty fit as a job's first stage meets it: in a new process that has just started Ray as `kdpipe run`
     does (this script again, with `--first-fit`)."""
     command = [sys.executable, __file__, "--first-fit", storage]
-    seconds, start = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-2:]
-    return float(seconds), float(start)
+    printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-3:]
+    return Fit(*map(float, printed))
 
 
-def floors(storage: str, repeats: int) -> dict[str, tuple[float, float]]:
-    """The median empty fit with Ray Train's defaults and with kdpipe's settings, alternating: its seconds, and
-    those before its loop ran."""
+def floors(storage: str, repeats: int) -> dict[str, Fit]:
+    """The median empty fit with Ray Train's defaults and with kdpipe's settings, alternating."""
     from pipeline.runner import RAY_TRAIN_SETTINGS
 
-    times: dict[str, list[tuple[float, float]]] = {"Ray Train defaults": [], "kdpipe's settings": []}
+    times: dict[str, list[Fit]] = {"Ray Train defaults": [], "kdpipe's settings": []}
     for _ in range(repeats):
         for name in times:
             saved = {key: os.environ.pop(key, None) for key in RAY_TRAIN_SETTINGS}
@@ -193,13 +231,14 @@ def floors(storage: str, repeats: int) -> dict[str, tuple[float, float]]:
                 os.environ.pop(key, None)
                 if value is not None:
                     os.environ[key] = value
-    return {name: statistics.median_low(values) for name, values in times.items()}  # a fit, with its own start
+    return {name: statistics.median_low(values) for name, values in times.items()}  # by seconds
 
 
-def floor_processes(storage: str) -> tuple[list[tuple[float, str]], float]:
+def floor_processes(storage: str) -> tuple[list[tuple[float, str, float]], float]:
     """One more empty fit, watched: the processes Ray starts for it (or hands an idle pooled one), each by its Ray
-    title (an actor's class) and when it started, in seconds after `fit()` was called; and when `fit()` returned.
-    Watching /proc every 50 ms costs some CPU, so this fit is none of the floor's."""
+    title (an actor's class), when it started, in seconds after `fit()` was called, and the CPU seconds it used
+    in the fit (until last seen); and when `fit()` returned. Watching /proc every 50 ms costs some CPU, so this fit
+    is none of the floor's."""
     import psutil
 
     def title(process: psutil.Process) -> str:
@@ -207,25 +246,30 @@ def floor_processes(storage: str) -> tuple[list[tuple[float, str]], float]:
         return " ".join(process.info["cmdline"] or []).removeprefix("ray::").split(".")[0].strip()
 
     before = {process.info["pid"]: title(process) for process in psutil.process_iter(["pid", "cmdline"])}
-    started_at: dict[int, tuple[float, str]] = {}
+    started_at: dict[int, tuple[float, str, float]] = {}
+    cpu: dict[int, float] = {}
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
-            for process in psutil.process_iter(["pid", "cmdline", "create_time"]):
-                pid, name = process.info["pid"], title(process)
+            for process in psutil.process_iter(["pid", "cmdline", "create_time", "cpu_times"]):
+                pid, name, times = process.info["pid"], title(process), process.info["cpu_times"]
+                if times is None:
+                    continue
+                cpu[pid] = times.user + times.system
                 if name[:1].isupper() and name != "IDLE" and name != before.get(pid):
-                    at, pooled = (time.time(), " (pooled)") if pid in before else (process.info["create_time"], "")
-                    started_at.setdefault(pid, (at, name + pooled))
+                    pooled = pid in before  # its CPU before the fit gave it work is not the fit's
+                    at = time.time() if pooled else process.info["create_time"]
+                    started_at.setdefault(pid, (at, name + " (pooled)" * pooled, cpu[pid] if pooled else 0.0))
             done.wait(0.05)
 
     watcher = threading.Thread(target=watch)
     called = time.time()
     watcher.start()
-    seconds, _ = empty_fit(storage)
+    seconds = empty_fit(storage).seconds
     done.set()
     watcher.join()
-    return sorted((at - called, name) for at, name in started_at.values()), seconds
+    return sorted((at - called, name, cpu[pid] - used) for pid, (at, name, used) in started_at.items()), seconds
 
 
 def worker_start() -> dict[str, float]:
@@ -244,11 +288,11 @@ def worker_start() -> dict[str, float]:
     return {"training stack": stack, **parts, "the rest of the stack": stack - sum(parts.values())}
 
 
-def stage_figures(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
+def stage_figures(args: argparse.Namespace, root: Path, cores: CoresBusy) -> dict[str, dict[str, float]]:
     """Each stage's steady images/s and fixed cost from a real `run_job`, and where the fixed cost falls, from the
     times MLflow holds (each epoch's metrics are logged as it ends; the run ends when the driver sees the stage
-    done): its start (launch to the first epoch), between epochs (checkpoints) and its end (after the last
-    epoch's metrics)."""
+    done): its start (launch to the first epoch, and the cores busy then), between epochs (checkpoints) and its
+    end (after the last epoch's metrics)."""
     from pipeline.plan import plan_job
     from pipeline.runner import run_job
     from pipeline.spec import JobSpec
@@ -266,9 +310,15 @@ def stage_figures(args: argparse.Namespace, root: Path) -> dict[str, dict[str, f
         epochs = sorted(tracker.client.get_metric_history(outcome.run_id, "epoch_seconds"), key=lambda m: m.step)
         fixed = outcome.seconds - sum(m.value for m in epochs)
         ended = tracker.get_run(outcome.run_id).info.end_time / 1000
-        start = epochs[0].timestamp / 1000 - epochs[0].value - (ended - outcome.seconds)
-        end = ended - epochs[-1].timestamp / 1000
-        figures[name] = {"rate": max(rates), "fixed": fixed, "wall": outcome.seconds, "start": start, "end": end}
+        launched, first_epoch = ended - outcome.seconds, epochs[0].timestamp / 1000 - epochs[0].value
+        figures[name] = {
+            "rate": max(rates),
+            "fixed": fixed,
+            "wall": outcome.seconds,
+            "start": first_epoch - launched,
+            "busy": cores.between(launched, first_epoch),
+            "end": ended - epochs[-1].timestamp / 1000,
+        }
     return figures
 
 
@@ -327,14 +377,16 @@ def main() -> None:
     if not args.stage:
         return
 
+    cores = CoresBusy()
     with tempfile.TemporaryDirectory() as folder:
         first = first_fit(str(Path(folder) / "first"))  # before this process starts Ray for (c)
-        figures = stage_figures(args, Path(folder))
+        figures = stage_figures(args, Path(folder), cores)
         # This machine's speed drifts over minutes: time the bare loop again right after the stages, and compare
         # the stage with the faster of the two.
         bare_after = max(images_per_second(loops["bare PyTorch loop"], batches, args.steps, device) for _ in range(2))
         floor = floors(str(Path(folder) / "floor"), args.floor_repeats)
         processes, watched = floor_processes(str(Path(folder) / "floor"))
+        cores.stop()
         start = worker_start()
     bare = max(*bare_rounds, bare_after)
     student = figures["student"]["rate"]
@@ -343,15 +395,22 @@ def main() -> None:
         f"  {'kdpipe stage, ' + str(args.workers) + ' Ray Train workers':34s} {student:9.1f} images/s   "
         f"{student / bare:5.2f}x bare (the student stage's best steady epoch, against the faster bare round)"
     )
-    print("fixed cost per stage (wall time minus epochs), beside Ray Train's floor (an empty 2-worker fit):")
+    print(
+        "fixed cost per stage (wall time minus epochs), beside Ray Train's floor (an empty 2-worker fit), and how many "
+        f"of the machine's {os.cpu_count()} cores were busy (all processes) while each started:"
+    )
     fits = {"floor, a Ray session's first fit": first, **{f"floor with {name}": fit for name, fit in floor.items()}}
-    for label, (seconds, before_loop) in fits.items():
+    for label, fit in fits.items():
         note = "   (kdpipe's settings, in a new driver process)" if label.endswith("first fit") else ""
-        print(f"  {label:34s} {seconds:6.1f} s   start {before_loop:4.1f} s, end {seconds - before_loop:3.1f} s{note}")
-    lowered, default = floor["kdpipe's settings"][0], floor["Ray Train defaults"][0]
+        busy = cores.between(fit.called, fit.called + fit.start)
+        print(
+            f"  {label:34s} {fit.seconds:6.1f} s   start {fit.start:4.1f} s ({busy:.1f} cores busy), "
+            f"end {fit.seconds - fit.start:3.1f} s{note}"
+        )
+    lowered, default = floor["kdpipe's settings"].seconds, floor["Ray Train defaults"].seconds
     for index, (name, stage) in enumerate(figures.items()):
         beside = (
-            f"{stage['fixed'] / first[0]:4.2f}x the first fit's floor (the job's first stage)"
+            f"{stage['fixed'] / first.seconds:4.2f}x the first fit's floor (the job's first stage)"
             if index == 0
             else f"{stage['fixed'] / lowered:4.2f}x the floor with kdpipe's settings, "
             f"{stage['fixed'] / default:4.2f}x with Ray's defaults"
@@ -359,12 +418,13 @@ def main() -> None:
         print(f"  {name:8s} stage: {stage['fixed']:5.1f} s fixed of {stage['wall']:5.1f} s   {beside}")
         between = stage["fixed"] - stage["start"] - stage["end"]
         print(
-            f"  {'':15s} start {stage['start']:4.1f} s (launch to the first epoch), {between:3.1f} s between epochs "
-            f"(checkpoints), end {stage['end']:3.1f} s (after the last epoch's metrics)"
+            f"  {'':15s} start {stage['start']:4.1f} s (launch to the first epoch, {stage['busy']:.1f} cores busy), "
+            f"{between:3.1f} s between epochs (checkpoints), end {stage['end']:3.1f} s (after the last epoch's metrics)"
         )
     print("what the floor is made of: the processes Ray starts for one more empty fit, by when each started")
-    started = ", ".join(f"+{at:.1f} s {title}" for at, title in processes)
-    print(f"  {started}; fit() returned at +{watched:.1f} s")
+    started = ", ".join(f"+{at:.1f} s {title} ({used:.1f} CPU-s)" for at, title, used in processes)
+    total = sum(used for _, _, used in processes)
+    print(f"  {started}; {total:.1f} CPU-s in all; fit() returned at +{watched:.1f} s")
     print("what a stage's workers import at start beyond an empty fit's, timed alone in a new process:")
     parts = ", ".join(f"{name} {start[name]:.1f} s" for name in ("torch._dynamo", "mlflow", "the rest of the stack"))
     print(f"  importing the training stack       {start['training stack']:6.1f} s   every worker: {parts}")
