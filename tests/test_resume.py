@@ -23,7 +23,7 @@ from pipeline import artifacts
 from pipeline.cli import main
 from pipeline.models import load_weights
 from pipeline.plan import load_plan
-from pipeline.runner import ray_run_name, run_job
+from pipeline.runner import ray_run_name, run_job, storage_path
 from pipeline.tracking import TAG_RESUMED, Tracker
 from tests.conftest import (
     CHAIN,
@@ -106,7 +106,7 @@ def test_driver_killed_mid_stage_resumes_from_its_mlflow_checkpoint(ray_local, f
     row = next(line for line in capsys.readouterr().out.splitlines() if "│ student " in line)
     assert " interrupted " in row and student in row, row
     # Remove Ray Train's storage of the run, as on a new machine: only MLflow's artifact is left to resume from.
-    shutil.rmtree(Path(plan.job.workdir) / "ray" / ray_run_name("tiny", "student", student))
+    shutil.rmtree(Path(storage_path(plan.job.workdir)) / ray_run_name("tiny", "student", student))
 
     outcomes = run_job(load_plan(path))
 
@@ -219,7 +219,8 @@ def test_a_stage_survives_a_killed_worker_and_an_mlflow_outage_and_ends_as_if_un
     assert errors[-1].startswith("teacher: ") and f"MLflow tracking at {uri} failed" in errors[-1], errors[-5:]
     assert "Traceback" not in err.decode()
     print(f"\nthe driver's last line: {errors[-1]}")
-    assert sorted((tmp_path / "out" / "ray").glob("*/checkpoint_*/position.json")), "Ray Train's checkpoint stays"
+    ray_storage = Path(storage_path(job["workdir"]))
+    assert sorted(ray_storage.glob("*/checkpoint_*/position.json")), "Ray Train's checkpoint stays"
 
     server = start_mlflow_server(tmp_path, port)
     try:
