@@ -274,8 +274,12 @@ def floor_processes(storage: str) -> tuple[list[tuple[float, str, float]], float
 
 def worker_start() -> dict[str, float]:
     """What a stage's worker imports beyond an empty fit's, in seconds, timed alone in a new process
-    (`python -X importtime`): the training stack (`pipeline.stage`), and its largest parts."""
-    imports = "import ray.train.torch; import pipeline.stage"  # an empty fit's workers import the first too
+    (`python -X importtime`) as a worker imports it (the garbage collector paused): the training stack
+    (`pipeline.stage`), and its largest parts."""
+    imports = (  # an empty fit's workers import Ray Train too
+        "import ray.train.torch\nfrom pipeline.startup import collector_paused\n"
+        "with collector_paused():\n    import pipeline.stage"
+    )
     command = [sys.executable, "-X", "importtime", "-c", imports]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     cumulative: dict[str, float] = {}

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pipeline.errors import UserError
+from pipeline.startup import collector_paused
 
 console = Console()
 err_console = Console(stderr=True)
@@ -251,7 +252,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in args.force:
         if not plan.named(name):
             raise UserError(f"--force: no stage '{name}' in {args.job}; its stages are: {', '.join(plan.order)}")
-    from pipeline.runner import run_job  # heavy imports (Ray, DeepSpeed) only once the job file is known good
+    with collector_paused():  # heavy imports (Ray, MLflow) only once the job file is known good
+        from pipeline.runner import run_job
 
     with Progress(
         TextColumn("{task.fields[stage]:<14}"),

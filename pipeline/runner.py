@@ -24,6 +24,7 @@ from pipeline import artifacts
 from pipeline.data import prepare_data, steps_per_epoch
 from pipeline.plan import Plan
 from pipeline.spec import TeacherCacheMode, TopKCache, WorkersSpec
+from pipeline.startup import collector_paused
 from pipeline.task import StageTask, TeacherRef, run_stage
 from pipeline.tracking import TAG_VALUES, Lease, Tracker, TrackingError, lease_seconds, run_is_live
 
@@ -120,8 +121,9 @@ def launch_stage(
 ) -> None:
     """One stage (or one trial of a search) as one Ray Train run, whose worker group Ray Train restarts up to
     `restarts` times after a failure; raises if it failed."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    with collector_paused():  # Ray Train's import, the first time in this process
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = workers.gpus > 0
     trainer = TorchTrainer(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from pipeline.data import PreparedData
 from pipeline.spec import CheckpointSpec, DataSpec
+from pipeline.startup import collector_paused
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,13 @@ class StageTask:
 
 def fill_cache(task: StageTask, rank: int, world: int) -> dict[str, float]:
     """A Ray task: fill the teacher-output cache for one rank's views of the stage (`pipeline.stage`)."""
-    from pipeline.stage import fill_teacher_cache
-
+    with collector_paused():
+        from pipeline.stage import fill_teacher_cache
     return fill_teacher_cache(task, rank, world)
 
 
 def run_stage(config: dict) -> None:
     """Ray Train's `train_loop_per_worker`: the stage's loop, imported in the worker."""
-    from pipeline.stage import stage_loop
-
+    with collector_paused():  # the training stack: most of what a stage adds to Ray Train's own start
+        from pipeline.stage import stage_loop
     stage_loop(config)

@@ -13,13 +13,16 @@ from __future__ import annotations
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.tracking import Tracker
+from pipeline.startup import collector_paused
 
 
 @ray.remote(num_cpus=0, max_concurrency=8)  # stages log side by side: one slow call holds up no other stage
 class TrackingActor:
     def __init__(self, uri: str):
-        self.tracker = Tracker(uri)
+        with collector_paused():  # MLflow's import, and its SQL store's (SQLAlchemy, alembic) as it opens
+            from pipeline.tracking import Tracker
+
+            self.tracker = Tracker(uri)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         self.tracker.log_metrics(run_id, metrics, step)
