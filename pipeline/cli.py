@@ -382,8 +382,9 @@ def job_and_tracker(args: argparse.Namespace):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.status import job_status
-    from pipeline.tracking import TrackingError
+    with collector_paused():  # MLflow's import
+        from pipeline.status import job_status
+        from pipeline.tracking import TrackingError
 
     plan, tracker = job_and_tracker(args)
     try:
@@ -411,9 +412,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.plan import check_baseline
-    from pipeline.report import finished_metrics, job_results, log_report, report_rows
-    from pipeline.tracking import TrackingError
+    with collector_paused():  # MLflow's import
+        from pipeline.plan import check_baseline
+        from pipeline.report import finished_metrics, job_results, log_report, report_rows
+        from pipeline.tracking import TrackingError
 
     plan, tracker = job_and_tracker(args)
     baseline = args.baseline or plan.job.baseline
