@@ -3,7 +3,7 @@
 Importing torch, DeepSpeed, MLflow and Ray makes millions of objects that live as long as the process. In CPython
 3.11 every 700 new objects start a collection, and each full one walks all the objects made so far: a quarter of
 a stage worker's import went to that (2.3 CPU-s for `pipeline.stage` with the collector, 1.7 without), and
-opening MLflow's SQL store or `kdpipe run`'s imports lose a sixth to a fifth. Start-up makes almost no cyclic
+opening MLflow's SQL store or `kdpipe run`'s imports lose an eighth to a fifth. Start-up makes almost no cyclic
 garbage, so the collector is paused through it; the objects it made are then frozen (moved where later
 collections do not walk them, as they would never be freed anyway) and the collector runs again for the work.
 """
