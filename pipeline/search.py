@@ -32,6 +32,7 @@ from pipeline import artifacts
 from pipeline.errors import UserError
 from pipeline.plan import with_values
 from pipeline.spec import CheckpointSpec, Dimension, SearchSpec, StageSpec, WorkersSpec
+from pipeline.startup import collector_paused
 from pipeline.task import StageTask
 from pipeline.tracking import TAG_BEST_TRIAL, TAG_PRUNED, TAG_TRIAL, TAG_VALUES, RunArtifacts, Tracker
 
@@ -114,12 +115,13 @@ def run_trial(config: dict, search: SearchTask) -> None:
     A trial Tune restores after its driver died, or runs again after one of its workers died, runs this again with the
     same trial id: its MLflow run is found and continued (Train resumes from its checkpoints); one that had already
     finished only reports its result again."""
-    from pipeline.runner import launch_stage
-
     task, spec = search.stage, search.spec
+    with collector_paused():  # a trial's process starts here: Ray Train's import, opening the MLflow store
+        from pipeline.runner import launch_stage
+
+        tracker = Tracker(task.tracking_uri)
     trial_id = tune.get_context().get_trial_id()
     values = values_of(config, spec)
-    tracker = Tracker(task.tracking_uri)
     trial = with_values(StageSpec.model_validate(task.config), values)
     existing = tracker.trial_runs(search.experiment_id, task.run_id, trial_id)
     if existing and existing[0].info.status == "FINISHED":
