@@ -10,14 +10,15 @@ to 1.10x between runs of the same code). (c) runs a teacher stage (labels only) 
 a job on Fashion-MNIST held in memory, resized to `--size` and normalized per batch, without augmentation (so
 augmentation is counted in neither); a stage's steady rate is its best epoch after the first, from the
 `images_per_second` it logs over its training steps. A stage's fixed cost is its wall time minus its epochs'. Ray
-Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports), timed with Ray Train's default
-settings and with kdpipe's (`pipeline.runner.RAY_TRAIN_SETTINGS`); and, for the job's first stage, the first fit of
-a Ray session, in a new process as a job's driver is (it also imports Ray Train and starts Ray Train's session-wide
-actors). Then what the floor is made of: the processes Ray starts for one more empty fit, by when each started, and
-their CPU seconds. Each fixed cost and floor is split into its start (to the first epoch, or to the empty loop) and
-its end, by the times MLflow holds and the empty loop reports, with how many cores were busy during each start (all
-of them: a start is CPU-bound, so CPU a stage adds there is wall time). Last, the largest part of kdpipe's share:
-what a stage's workers import at start beyond an empty fit's, timed alone in a new process.
+Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports) with Ray Train's default settings;
+beside it, the same empty fit through the trainer kdpipe runs stages with (`pipeline.trainer`) and kdpipe's settings
+(`pipeline.runner.RAY_TRAIN_SETTINGS`): what kdpipe lowered of the floor; and, for the job's first stage, the first
+fit of a Ray session, in a new process as a job's driver is (it also imports Ray Train and starts Ray Train's
+session-wide actors). Then what the floor is made of: the processes Ray starts for one more empty fit, by when each
+started, and their CPU seconds. Each fixed cost and floor is split into its start (to the first epoch, or to the
+empty loop) and its end, by the times MLflow holds and the empty loop reports, with how many cores were busy during
+each start (all of them: a start is CPU-bound, so CPU a stage adds there is wall time). Last, the largest part of
+kdpipe's share: what a stage's workers import at start beyond an empty fit's, timed alone in a new process.
 
     .venv/bin/python bench/step.py                        # the quickstart's models on CPU
     python bench/step.py --device cuda --teacher resnet50 --student resnet18 --size 224 --batch 256 \\
@@ -50,6 +51,7 @@ from pipeline.spec import StageSpec
 
 FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 CLASSES, TEMPERATURE, CE_WEIGHT, KD_WEIGHT = 10, 4.0, 0.1, 0.9  # KD as the quickstart runs it
+RAY_TRAIN, KDPIPES = "Ray Train's TorchTrainer, defaults", "kdpipe's trainer and settings"
 
 
 def synchronize(device: torch.device) -> None:
@@ -182,14 +184,16 @@ class Fit(NamedTuple):
     called: float  # wall clock
 
 
-def empty_fit(storage: str) -> Fit:
+def empty_fit(storage: str, kdpipes: bool = False) -> Fit:
     """A 2-worker `TorchTrainer.fit()` whose loop only reports: Ray Train's own start and end (and its import, the
-    first time in a process). Rank 0 writes when the loop ran beside the run's storage (the bench runs on one
-    machine)."""
+    first time in a process); `kdpipes`: through the trainer kdpipe runs its stages with (`pipeline.trainer`).
+    Rank 0 writes when the loop ran beside the run's storage (the bench runs on one machine)."""
     called = time.time()  # wall clock: the loop runs in other processes
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from pipeline.trainer import StageTrainer
 
     def loop(config: dict) -> None:
         if ray.train.get_context().get_world_rank() == 0:
@@ -199,7 +203,7 @@ def empty_fit(storage: str) -> Fit:
     name = f"floor-{time.time_ns()}"
     mark = Path(storage) / f"{name}.loop-started"
     mark.parent.mkdir(parents=True, exist_ok=True)
-    TorchTrainer(
+    (StageTrainer if kdpipes else TorchTrainer)(
         loop,
         train_loop_config={"mark": str(mark)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
@@ -217,16 +221,17 @@ def first_fit(storage: str) -> Fit:
 
 
 def floors(storage: str, repeats: int) -> dict[str, Fit]:
-    """The median empty fit with Ray Train's defaults and with kdpipe's settings, alternating."""
+    """The median empty fit of Ray Train's own `TorchTrainer` with its default settings (the floor), and of
+    kdpipe's trainer with kdpipe's settings (`pipeline.runner.RAY_TRAIN_SETTINGS`), alternating."""
     from pipeline.runner import RAY_TRAIN_SETTINGS
 
-    times: dict[str, list[Fit]] = {"Ray Train defaults": [], "kdpipe's settings": []}
+    times: dict[str, list[Fit]] = {RAY_TRAIN: [], KDPIPES: []}
     for _ in range(repeats):
         for name in times:
             saved = {key: os.environ.pop(key, None) for key in RAY_TRAIN_SETTINGS}
-            if name == "kdpipe's settings":
+            if name == KDPIPES:
                 os.environ.update(RAY_TRAIN_SETTINGS)
-            times[name].append(empty_fit(storage))
+            times[name].append(empty_fit(storage, kdpipes=name == KDPIPES))
             for key, value in saved.items():
                 os.environ.pop(key, None)
                 if value is not None:
@@ -403,21 +408,21 @@ def main() -> None:
         "fixed cost per stage (wall time minus epochs), beside Ray Train's floor (an empty 2-worker fit), and how many "
         f"of the machine's {os.cpu_count()} cores were busy (all processes) while each started:"
     )
-    fits = {"floor, a Ray session's first fit": first, **{f"floor with {name}": fit for name, fit in floor.items()}}
+    fits = {"floor, a Ray session's first fit": first, **{f"floor: {name}": fit for name, fit in floor.items()}}
     for label, fit in fits.items():
-        note = "   (kdpipe's settings, in a new driver process)" if label.endswith("first fit") else ""
+        note = "   (TorchTrainer, in a new driver process that started Ray as kdpipe does)" * label.endswith("fit")
         busy = cores.between(fit.called, fit.called + fit.start)
         print(
             f"  {label:34s} {fit.seconds:6.1f} s   start {fit.start:4.1f} s ({busy:.1f} cores busy), "
             f"end {fit.seconds - fit.start:3.1f} s{note}"
         )
-    lowered, default = floor["kdpipe's settings"].seconds, floor["Ray Train defaults"].seconds
+    own, lowered = floor[RAY_TRAIN].seconds, floor[KDPIPES].seconds
     for index, (name, stage) in enumerate(figures.items()):
         beside = (
             f"{stage['fixed'] / first.seconds:4.2f}x the first fit's floor (the job's first stage)"
             if index == 0
-            else f"{stage['fixed'] / lowered:4.2f}x the floor with kdpipe's settings, "
-            f"{stage['fixed'] / default:4.2f}x with Ray's defaults"
+            else f"{stage['fixed'] / own:4.2f}x the floor (Ray Train's TorchTrainer), "
+            f"{stage['fixed'] / lowered:4.2f}x kdpipe's trainer's empty fit"
         )
         print(f"  {name:8s} stage: {stage['fixed']:5.1f} s fixed of {stage['wall']:5.1f} s   {beside}")
         between = stage["fixed"] - stage["start"] - stage["end"]

@@ -123,10 +123,12 @@ def launch_stage(
     `restarts` times after a failure; raises if it failed."""
     with collector_paused():  # Ray Train's import, the first time in this process
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.train.torch import TorchConfig
+
+        from pipeline.trainer import StageTrainer
 
     use_gpu = workers.gpus > 0
-    trainer = TorchTrainer(
+    trainer = StageTrainer(
         run_stage,
         train_loop_config={"task": task},
         scaling_config=ScalingConfig(

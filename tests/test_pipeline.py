@@ -62,6 +62,19 @@ def test_the_first_students_of_a_teacher_fill_its_cache(finished_chain):
     assert files == sorted(expected + expected[:4])  # the assistant's 3 epochs and the student's 2
 
 
+def test_a_stages_ray_train_run_starts_no_ray_data_actor(finished_chain):
+    """Issue 14: a stage's Ray Train run starts its workers and no `DatasetManager` (Ray Train starts one per run,
+    a process importing Ray Data, that kdpipe's runs never use; `pipeline.trainer`)."""
+    from ray.util.state import list_actors
+
+    def started(cls: str) -> int:
+        return len(list_actors(filters=[("class_name", "=", cls)], limit=10_000, raise_on_missing_output=False))
+
+    assert started("RayTrainWorker") >= 2 * 3  # the chain's three stages, two workers each
+    assert started("TrainController") >= 3
+    assert started("DatasetManager") == 0
+
+
 def test_student_loaded_its_teachers_trained_weights(finished_chain):
     """The teacher logits the student stage computed match the assistant stage's saved model on a fixed batch."""
     root, _, outcomes = finished_chain
