@@ -141,7 +141,11 @@ def sha_md5(path):
 def test_fashion_mnist_from_shared_data():
     spec = DataSpec(source="fashion-mnist", path=str(FASHION_MNIST), image_size=28, batch_size=100)
     readers = [open_data(prepare_data(spec), spec, 0, rank, 2) for rank in range(2)]
-    assert readers[0].train_x.shape == (60000, 3, 28, 28) and readers[0].val_x.shape == (10000, 3, 28, 28)
+    assert readers[0].train_x.shape == (60000, 1, 28, 28) and readers[0].val_x.shape == (10000, 1, 28, 28)
+    images, _ = next(readers[0].train_batches(0))  # grey as the model's 3 channels, each normalized alike
+    assert images.shape == (100, 3, 28, 28) and torch.equal(images[:, 0], images[:, 2])
+    pixels = (images[:, 0] * 0.3530 + 0.2860) * 255
+    assert torch.allclose(pixels, pixels.round(), atol=1e-3) and pixels.min() >= -1e-3 and pixels.max() <= 255.001
     assert readers[0].steps_per_epoch(0) == 300
     seen = torch.cat([y for r in readers for _, y in r.val_batches()])
     assert len(seen) == 10000 and torch.equal(seen.bincount(), torch.full((10,), 1000))
