@@ -13,12 +13,14 @@ augmentation is counted in neither); a stage's steady rate is its best epoch aft
 Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports) with Ray Train's default settings;
 beside it, the same empty fit through the trainer kdpipe runs stages with (`pipeline.trainer`) and kdpipe's settings
 (`pipeline.runner.RAY_TRAIN_SETTINGS`): what kdpipe lowered of the floor; and, for the job's first stage, the first
-fit of a Ray session, in a new process as a job's driver is (it also imports Ray Train and starts Ray Train's
-session-wide actors). Then what the floor is made of: the processes Ray starts for one more empty fit, by when each
-started, and their CPU seconds. Each fixed cost and floor is split into its start (to the first epoch, or to the
-empty loop) and its end, by the times MLflow holds and the empty loop reports, with how many cores were busy during
-each start (all of them: a start is CPU-bound, so CPU a stage adds there is wall time). Last, the largest part of
-kdpipe's share: what a stage's workers import at start beyond an empty fit's, timed alone in a new process.
+fit of a Ray session (it also imports Ray Train and starts Ray Train's session-wide actors). The job and the floors
+run `--repeats` times, alternating, each in a new process with a Ray session of its own, as every `kdpipe run` has
+(so the teacher is a job's first stage every time); the medians count, and each run's ratio to the floors of its own
+round is printed beside them. Then what the floor is made of: the processes Ray starts for one more empty fit, by
+when each started, and their CPU seconds. Each fixed cost and floor is split into its start (to the first epoch, or
+to the empty loop) and its end, by the times MLflow holds and the empty loop reports, with how many cores were busy
+during each start (all of them: a start is CPU-bound, so CPU a stage adds there is wall time). Last, the largest
+part of kdpipe's share: what a stage's workers import at start beyond an empty fit's, timed alone in a new process.
 
     .venv/bin/python bench/step.py                        # the quickstart's models on CPU
     python bench/step.py --device cuda --teacher resnet50 --student resnet18 --size 224 --batch 256 \\
@@ -31,6 +33,7 @@ processes, and what a worker imports beyond an empty fit's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -51,7 +54,8 @@ from pipeline.spec import StageSpec
 
 FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 CLASSES, TEMPERATURE, CE_WEIGHT, KD_WEIGHT = 10, 4.0, 0.1, 0.9  # KD as the quickstart runs it
-RAY_TRAIN, KDPIPES = "Ray Train's TorchTrainer, defaults", "kdpipe's trainer and settings"
+FIRST = "a Ray session's first fit"
+RAY_TRAIN, KDPIPES = "Ray Train's TorchTrainer", "kdpipe's trainer and settings"
 
 
 def synchronize(device: torch.device) -> None:
@@ -212,31 +216,35 @@ def empty_fit(storage: str, kdpipes: bool = False) -> Fit:
     return Fit(time.time() - called, float(mark.read_text()) - called, called)
 
 
-def first_fit(storage: str) -> Fit:
-    """The empty fit as a job's first stage meets it: in a new process that has just started Ray as `kdpipe run`
-    does (this script again, with `--first-fit`)."""
-    command = [sys.executable, __file__, "--first-fit", storage]
-    printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-3:]
-    return Fit(*map(float, printed))
+def floor_fits(storage: str) -> dict[str, Fit]:
+    """In a new process that has just started Ray as `kdpipe run` does (this script again, with `--floors`): the
+    session's first fit, as a job's first stage meets it, then Ray Train's own `TorchTrainer` with its default
+    settings (the floor) and kdpipe's trainer with kdpipe's settings (`pipeline.runner.RAY_TRAIN_SETTINGS`)."""
+    from pipeline.runner import RAY_TRAIN_SETTINGS, ensure_ray
+
+    ensure_ray(verbose=False)
+    fits = {FIRST: empty_fit(storage)}
+    for name in (RAY_TRAIN, KDPIPES):
+        saved = {key: os.environ.pop(key, None) for key in RAY_TRAIN_SETTINGS}
+        if name == KDPIPES:
+            os.environ.update(RAY_TRAIN_SETTINGS)
+        fits[name] = empty_fit(storage, kdpipes=name == KDPIPES)
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+    return fits
 
 
-def floors(storage: str, repeats: int) -> dict[str, Fit]:
-    """The median empty fit of Ray Train's own `TorchTrainer` with its default settings (the floor), and of
-    kdpipe's trainer with kdpipe's settings (`pipeline.runner.RAY_TRAIN_SETTINGS`), alternating."""
-    from pipeline.runner import RAY_TRAIN_SETTINGS
-
-    times: dict[str, list[Fit]] = {RAY_TRAIN: [], KDPIPES: []}
-    for _ in range(repeats):
-        for name in times:
-            saved = {key: os.environ.pop(key, None) for key in RAY_TRAIN_SETTINGS}
-            if name == KDPIPES:
-                os.environ.update(RAY_TRAIN_SETTINGS)
-            times[name].append(empty_fit(storage, kdpipes=name == KDPIPES))
-            for key, value in saved.items():
-                os.environ.pop(key, None)
-                if value is not None:
-                    os.environ[key] = value
-    return {name: statistics.median_low(values) for name, values in times.items()}  # by seconds
+def in_new_process(option: str, folder: Path):
+    """What this script prints as JSON on its last line when run again with `option FOLDER` (and the same
+    arguments): a job's driver and Ray session of its own, as each `kdpipe run` has."""
+    done = subprocess.run(
+        [sys.executable, __file__, *sys.argv[1:], option, str(folder)], capture_output=True, text=True
+    )
+    if done.returncode:
+        raise SystemExit(f"{option} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def floor_processes(storage: str) -> tuple[list[tuple[float, str, float]], float]:
@@ -297,11 +305,11 @@ def worker_start() -> dict[str, float]:
     return {"training stack": stack, **parts, "the rest of the stack": stack - sum(parts.values())}
 
 
-def stage_figures(args: argparse.Namespace, root: Path, cores: CoresBusy) -> dict[str, dict[str, float]]:
-    """Each stage's steady images/s and fixed cost from a real `run_job`, and where the fixed cost falls, from the
-    times MLflow holds (each epoch's metrics are logged as it ends; the run ends when the driver sees the stage
-    done): its start (launch to the first epoch, and the cores busy then), between epochs (checkpoints) and its
-    end (after the last epoch's metrics)."""
+def stage_figures(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
+    """Each stage's steady images/s and fixed cost from a real `run_job` (in a new process: `--stage-job`), and
+    where the fixed cost falls, from the times MLflow holds (each epoch's metrics are logged as it ends; the run ends
+    when the driver sees the stage done): its start (from its launch to its first epoch, both on the wall clock),
+    between epochs (checkpoints) and its end (after the last epoch's metrics)."""
     from pipeline.plan import plan_job
     from pipeline.runner import run_job
     from pipeline.spec import JobSpec
@@ -325,7 +333,7 @@ def stage_figures(args: argparse.Namespace, root: Path, cores: CoresBusy) -> dic
             "fixed": fixed,
             "wall": outcome.seconds,
             "start": first_epoch - launched,
-            "busy": cores.between(launched, first_epoch),
+            "launched": launched,
             "end": ended - epochs[-1].timestamp / 1000,
         }
     return figures
@@ -346,15 +354,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="(c): Ray Train workers per stage (default 2)")
     parser.add_argument("--stage-epochs", type=int, default=3, help="(c): epochs per stage (default 3)")
     parser.add_argument("--train-subset", type=int, default=6000, help="(c): Fashion-MNIST training samples")
-    parser.add_argument("--floor-repeats", type=int, default=3, help="empty fits per setting (median counts)")
+    parser.add_argument("--repeats", type=int, default=3, help="(c) and the floors, alternating (medians count)")
     parser.add_argument("--data", type=Path, default=FASHION_MNIST, help="the Fashion-MNIST IDX folder")
-    parser.add_argument("--first-fit", metavar="STORAGE", help=argparse.SUPPRESS)  # see first_fit()
+    parser.add_argument("--floors", type=Path, help=argparse.SUPPRESS)  # see in_new_process()
+    parser.add_argument("--stage-job", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.first_fit:
-        from pipeline.runner import ensure_ray
-
-        ensure_ray(verbose=False)
-        print(*empty_fit(args.first_fit))
+    if args.floors:
+        fits = floor_fits(str(args.floors))
+        processes, watched = floor_processes(str(args.floors))
+        print(json.dumps({"fits": fits, "processes": processes, "watched": watched}))
+        return
+    if args.stage_job:
+        print(json.dumps(stage_figures(args, args.stage_job)))
         return
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -387,49 +398,52 @@ def main() -> None:
         return
 
     cores = CoresBusy()
+    runs: list[tuple[dict[str, Fit], dict[str, dict]]] = []
     with tempfile.TemporaryDirectory() as folder:
-        first = first_fit(str(Path(folder) / "first"))  # before this process starts Ray for (c)
-        figures = stage_figures(args, Path(folder), cores)
+        for repeat in range(args.repeats):  # a job's run, then the floors, each in a new process and Ray session
+            figures = in_new_process("--stage-job", Path(folder) / f"job-{repeat}")
+            floors = in_new_process("--floors", Path(folder) / "floor")
+            runs.append(({name: Fit(*fit) for name, fit in floors["fits"].items()}, figures))
         # This machine's speed drifts over minutes: time the bare loop again right after the stages, and compare
         # the stage with the faster of the two.
         bare_after = max(images_per_second(loops["bare PyTorch loop"], batches, args.steps, device) for _ in range(2))
-        floor = floors(str(Path(folder) / "floor"), args.floor_repeats)
-        processes, watched = floor_processes(str(Path(folder) / "floor"))
         cores.stop()
         start = worker_start()
     bare = max(*bare_rounds, bare_after)
-    student = figures["student"]["rate"]
+    student = max(figures["student"]["rate"] for _, figures in runs)
     print(f"  {'bare PyTorch loop, after (c)':34s} {bare_after:9.1f} images/s")
     print(
         f"  {'kdpipe stage, ' + str(args.workers) + ' Ray Train workers':34s} {student:9.1f} images/s   "
         f"{student / bare:5.2f}x bare (the student stage's best steady epoch, against the faster bare round)"
     )
     print(
-        "fixed cost per stage (wall time minus epochs), beside Ray Train's floor (an empty 2-worker fit), and how many "
-        f"of the machine's {os.cpu_count()} cores were busy (all processes) while each started:"
+        f"fixed cost (wall time minus epochs), the median of {args.repeats} runs alternating with Ray Train's floor "
+        f"(an empty 2-worker fit), and how many of the machine's {os.cpu_count()} cores were busy (all processes) as "
+        "each started:"
     )
-    fits = {"floor, a Ray session's first fit": first, **{f"floor: {name}": fit for name, fit in floor.items()}}
-    for label, fit in fits.items():
-        note = "   (TorchTrainer, in a new driver process that started Ray as kdpipe does)" * label.endswith("fit")
+    fits = {name: statistics.median_low([run[name] for run, _ in runs]) for name in (FIRST, RAY_TRAIN, KDPIPES)}
+    notes = {FIRST: "TorchTrainer, in a new driver process that started Ray as kdpipe does", RAY_TRAIN: "the floor"}
+    for name, fit in fits.items():
         busy = cores.between(fit.called, fit.called + fit.start)
         print(
-            f"  {label:34s} {fit.seconds:6.1f} s   start {fit.start:4.1f} s ({busy:.1f} cores busy), "
-            f"end {fit.seconds - fit.start:3.1f} s{note}"
+            f"  {name:30s} {fit.seconds:6.1f} s   start {fit.start:4.1f} s ({busy:.1f} cores busy), "
+            f"end {fit.seconds - fit.start:3.1f} s   ({notes.get(name, 'what kdpipe lowered of the floor')})"
         )
-    own, lowered = floor[RAY_TRAIN].seconds, floor[KDPIPES].seconds
-    for index, (name, stage) in enumerate(figures.items()):
-        beside = (
-            f"{stage['fixed'] / first.seconds:4.2f}x the first fit's floor (the job's first stage)"
-            if index == 0
-            else f"{stage['fixed'] / own:4.2f}x the floor (Ray Train's TorchTrainer), "
-            f"{stage['fixed'] / lowered:4.2f}x kdpipe's trainer's empty fit"
-        )
-        print(f"  {name:8s} stage: {stage['fixed']:5.1f} s fixed of {stage['wall']:5.1f} s   {beside}")
+    for name, floor in (("teacher", FIRST), ("student", RAY_TRAIN)):  # the job's first stage, then a later one
+        stages = [figures[name] for _, figures in runs]
+        stage = sorted(stages, key=lambda s: s["fixed"])[(len(stages) - 1) // 2]  # the median (the lower of two)
+        ratios = ", ".join(f"{figures[name]['fixed'] / run[floor].seconds:.2f}x" for run, figures in runs)  # paired
+        beside = f"{stage['fixed'] / fits[floor].seconds:4.2f}x {'the first fit' if floor == FIRST else 'the floor'}"
+        if floor == RAY_TRAIN:
+            beside += f", {stage['fixed'] / fits[KDPIPES].seconds:4.2f}x kdpipe's trainer's empty fit"
+        print(f"  {name:8s} stage: {stage['fixed']:5.1f} s fixed of {stage['wall']:5.1f} s   {beside} (runs: {ratios})")
         between = stage["fixed"] - stage["start"] - stage["end"]
+        busy = cores.between(stage["launched"], stage["launched"] + stage["start"])
         print(
-            f"  {'':15s} start {stage['start']:4.1f} s (launch to the first epoch, {stage['busy']:.1f} cores busy), "
+            f"  {'':15s} start {stage['start']:4.1f} s (launch to the first epoch, {busy:.1f} cores busy), "
             f"{between:3.1f} s between epochs (checkpoints), end {stage['end']:3.1f} s (after the last epoch's metrics)"
         )
+    processes, watched = floors["processes"], floors["watched"]  # the last run's
     print("what the floor is made of: the processes Ray starts for one more empty fit, by when each started")
     started = ", ".join(f"+{at:.1f} s {title} ({used:.1f} CPU-s)" for at, title, used in processes)
     total = sum(used for _, _, used in processes)
