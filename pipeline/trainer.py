@@ -26,6 +26,8 @@ class NoDatasets(DatasetsCallback):
 
 
 class StageTrainer(TorchTrainer):
+    """`TorchTrainer`, less the `DatasetManager` of a run given no Ray datasets."""
+
     def _create_default_callbacks(self) -> list:
         callbacks = super()._create_default_callbacks()
         if self.datasets:
