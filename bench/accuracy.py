@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.cli import main as kdpipe
+from kdpipe.cli import main as kdpipe
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "fashion-mnist-methods.yaml"
 

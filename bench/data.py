@@ -26,13 +26,13 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from pipeline.data import prepare_data
-from pipeline.data.convert import convert
-from pipeline.data.loaders import open_data
-from pipeline.data.shard_reader import geometry
-from pipeline.data.shards import decode_image
-from pipeline.data.synthetic import write_image_folder
-from pipeline.spec import DataSpec
+from kdpipe.data import prepare_data
+from kdpipe.data.convert import convert
+from kdpipe.data.loaders import open_data
+from kdpipe.data.shard_reader import geometry
+from kdpipe.data.shards import decode_image
+from kdpipe.data.synthetic import write_image_folder
+from kdpipe.job.spec import DataSpec
 
 
 def images_per_second(spec: DataSpec, epoch: int, device: torch.device) -> float:

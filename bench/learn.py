@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.checkpoint import Position
-from pipeline.data import prepare_data
-from pipeline.data.loaders import StageData, open_data
-from pipeline.engine import PRECISIONS, Engine, single_process_group
-from pipeline.methods import METHODS
-from pipeline.models import build_model
-from pipeline.spec import DataSpec, StageSpec
+from kdpipe.data import prepare_data
+from kdpipe.data.loaders import StageData, open_data
+from kdpipe.job.spec import DataSpec, StageSpec
+from kdpipe.methods import METHODS
+from kdpipe.models import build_model
+from kdpipe.worker.checkpoint import Position
+from kdpipe.worker.engine import PRECISIONS, Engine, single_process_group
 
 FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.methods import METHODS
-from pipeline.plan import load_plan
-from pipeline.runner import run_job
-from pipeline.spec import StageSpec
-from pipeline.tracking import Tracker
+from kdpipe.driver.runner import run_job
+from kdpipe.job.spec import StageSpec
+from kdpipe.methods import METHODS
+from kdpipe.plan import load_plan
+from kdpipe.tracking.store import Tracker
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 

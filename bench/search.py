@@ -19,9 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.plan import load_plan
-from pipeline.runner import run_job
-from pipeline.tracking import Tracker
+from kdpipe.driver.runner import run_job
+from kdpipe.plan import load_plan
+from kdpipe.tracking.store import Tracker
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "search-adaptive.yaml"
 

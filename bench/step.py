@@ -2,7 +2,7 @@
 process, (c) a whole kdpipe stage through Ray Train; and (c)'s fixed start/end cost beside Ray Train's own floor.
 
 (a) and (b) train the same student on the same batches, already on the device (no data loading in either), with the
-same models (`pipeline.models` builds the networks; the loop, the loss and the optimizer of (a) are written below,
+same models (`kdpipe.models` builds the networks; the loop, the loss and the optimizer of (a) are written below,
 and the KD teacher is a fresh network: its weights do not change the cost). They alternate for `--rounds` rounds;
 each round's engine rate is divided by the bare loop's rate of the same round, and the median of those ratios counts
 (this machine's speed drifts over minutes and jumps for seconds: comparing each side's best round swung from 0.89x
@@ -11,11 +11,11 @@ a job on Fashion-MNIST held in memory, resized to `--size` and normalized per ba
 augmentation is counted in neither); a stage's steady rate is its best epoch after the first, from the
 `images_per_second` it logs over its training steps. A stage's fixed cost is its wall time minus its epochs'. Ray
 Train's floor is an empty 2-worker `TorchTrainer.fit()` (its loop only reports) with Ray Train's default settings;
-beside it, the same empty fit through the trainer kdpipe runs stages with (`pipeline.trainer`) and kdpipe's settings
-(`pipeline.runner.RAY_TRAIN_SETTINGS`): what kdpipe lowered of the floor; and, for the job's first stage, the first
-fit of a Ray session (it also imports Ray Train and starts Ray Train's session-wide actors). The job and the floors
-run `--repeats` times, alternating, each in a new process with a Ray session of its own, as every `kdpipe run` has
-(so the teacher is a job's first stage every time); the medians count, and each run's ratio to the floors of its own
+beside it, the same empty fit through the trainer kdpipe runs stages with (`kdpipe.driver.trainer`) and kdpipe's
+settings (`kdpipe.driver.launch.RAY_TRAIN_SETTINGS`): what kdpipe lowered of the floor; and, for the job's first stage,
+the first fit of a Ray session (it also imports Ray Train and starts Ray Train's session-wide actors). The job and the
+floors run `--repeats` times, alternating, each in a new process with a Ray session of its own, as every `kdpipe run`
+has (so the teacher is a job's first stage every time); the medians count, and each run's ratio to the floors of its own
 round is printed beside them. Then what the floor is made of: the processes Ray starts for one more empty fit, by
 when each started, and their CPU seconds. Each fixed cost and floor is split into its start (to the first epoch, or
 to the empty loop) and its end, by the times MLflow holds and the empty loop reports, with how many cores were busy
@@ -47,10 +47,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine import Engine, single_process_group
-from pipeline.methods import METHODS
-from pipeline.models import build_model
-from pipeline.spec import StageSpec
+from kdpipe.job.spec import StageSpec
+from kdpipe.methods import METHODS
+from kdpipe.models import build_model
+from kdpipe.worker.engine import Engine, single_process_group
 
 FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 CLASSES, TEMPERATURE, CE_WEIGHT, KD_WEIGHT = 10, 4.0, 0.1, 0.9  # KD as the quickstart runs it
@@ -190,14 +190,14 @@ class Fit(NamedTuple):
 
 def empty_fit(storage: str, kdpipes: bool = False) -> Fit:
     """A 2-worker `TorchTrainer.fit()` whose loop only reports: Ray Train's own start and end (and its import, the
-    first time in a process); `kdpipes`: through the trainer kdpipe runs its stages with (`pipeline.trainer`).
+    first time in a process); `kdpipes`: through the trainer kdpipe runs its stages with (`kdpipe.driver.trainer`).
     Rank 0 writes when the loop ran beside the run's storage (the bench runs on one machine)."""
     called = time.time()  # wall clock: the loop runs in other processes
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.trainer import StageTrainer
+    from kdpipe.driver.trainer import StageTrainer
 
     def loop(config: dict) -> None:
         if ray.train.get_context().get_world_rank() == 0:
@@ -219,8 +219,8 @@ def empty_fit(storage: str, kdpipes: bool = False) -> Fit:
 def floor_fits(storage: str) -> dict[str, Fit]:
     """In a new process that has just started Ray as `kdpipe run` does (this script again, with `--floors`): the
     session's first fit, as a job's first stage meets it, then Ray Train's own `TorchTrainer` with its default
-    settings (the floor) and kdpipe's trainer with kdpipe's settings (`pipeline.runner.RAY_TRAIN_SETTINGS`)."""
-    from pipeline.runner import RAY_TRAIN_SETTINGS, ensure_ray
+    settings (the floor) and kdpipe's trainer with kdpipe's settings (`kdpipe.driver.launch.RAY_TRAIN_SETTINGS`)."""
+    from kdpipe.driver.launch import RAY_TRAIN_SETTINGS, ensure_ray
 
     ensure_ray(verbose=False)
     fits = {FIRST: empty_fit(storage)}
@@ -288,10 +288,10 @@ def floor_processes(storage: str) -> tuple[list[tuple[float, str, float]], float
 def worker_start() -> dict[str, float]:
     """What a stage's worker imports beyond an empty fit's, in seconds, timed alone in a new process
     (`python -X importtime`) as a worker imports it (the garbage collector paused): the training stack
-    (`pipeline.stage`), and its largest parts."""
+    (`kdpipe.worker.stage`), and its largest parts."""
     imports = (  # an empty fit's workers import Ray Train too
-        "import ray.train.torch\nfrom pipeline.startup import collector_paused\n"
-        "with collector_paused():\n    import pipeline.stage"
+        "import ray.train.torch\nfrom kdpipe.startup import collector_paused\n"
+        "with collector_paused():\n    import kdpipe.worker.stage"
     )
     command = [sys.executable, "-X", "importtime", "-c", imports]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -300,7 +300,7 @@ def worker_start() -> dict[str, float]:
         fields = line.removeprefix("import time:").split("|")
         if len(fields) == 3 and fields[1].strip().isdigit():
             cumulative.setdefault(fields[2].strip(), int(fields[1]) / 1e6)
-    stack = cumulative["pipeline.stage"]
+    stack = cumulative["kdpipe.worker.stage"]
     parts = {name: cumulative.get(name, 0.0) for name in ("torch._dynamo", "mlflow")}
     return {"training stack": stack, **parts, "the rest of the stack": stack - sum(parts.values())}
 
@@ -310,10 +310,10 @@ def stage_figures(args: argparse.Namespace, root: Path) -> dict[str, dict[str, f
     where the fixed cost falls, from the times MLflow holds (each epoch's metrics are logged as it ends; the run ends
     when the driver sees the stage done): its start (from its launch to its first epoch, both on the wall clock),
     between epochs (checkpoints) and its end (after the last epoch's metrics)."""
-    from pipeline.plan import plan_job
-    from pipeline.runner import run_job
-    from pipeline.spec import JobSpec
-    from pipeline.tracking import Tracker
+    from kdpipe.driver.runner import run_job
+    from kdpipe.job.spec import JobSpec
+    from kdpipe.plan import plan_job
+    from kdpipe.tracking.store import Tracker
 
     plan = plan_job(JobSpec.model_validate(stage_job(args, root)))
     outcomes = run_job(plan)

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.engine import Engine, single_process_group
-from pipeline.methods import METHODS
-from pipeline.models import build_model
-from pipeline.plan import plan_job
-from pipeline.runner import run_job
-from pipeline.spec import JobSpec, StageSpec
-from pipeline.teacher_cache import CachedTeacher, TeacherCache, TeacherCaches
-from pipeline.tracking import Tracker
+from kdpipe.driver.runner import run_job
+from kdpipe.job.spec import JobSpec, StageSpec
+from kdpipe.methods import METHODS
+from kdpipe.models import build_model
+from kdpipe.plan import plan_job
+from kdpipe.tracking.store import Tracker
+from kdpipe.worker.engine import Engine, single_process_group
+from kdpipe.worker.teacher_cache import CachedTeacher, TeacherCache, TeacherCaches
 
 FASHION_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 CLASSES = 10

@@ -24,7 +24,7 @@ def process_group():
     """This process as a torch.distributed group of one, as the engine runs outside Ray (no network, no peers)."""
     import torch
 
-    from pipeline.engine import single_process_group
+    from kdpipe.worker.engine import single_process_group
 
     single_process_group(torch.device("cpu"))
 
@@ -71,8 +71,8 @@ CHAIN_STEPS_PER_EPOCH = 512 // 2 // 32  # train_size / workers / batch_size
 def finished_chain(ray_local, tmp_path_factory):
     """The chain, run once without interruption: what test_pipeline checks, and the reference a resumed run of
     the same job (test_resume) must match."""
-    from pipeline.plan import load_plan
-    from pipeline.runner import run_job
+    from kdpipe.driver.runner import run_job
+    from kdpipe.plan import load_plan
 
     root = tmp_path_factory.mktemp("chain")
     plan = load_plan(write_job(root / "job.yaml", tiny_job(root, CHAIN, **CHAIN_DATA)))
@@ -132,7 +132,7 @@ def sample_cpu(drivers: list[subprocess.Popen], cpu: dict[int, float]) -> None:
         time.sleep(0.5)
 
 
-KDPIPE = [sys.executable, "-m", "pipeline.cli"]
+KDPIPE = [sys.executable, "-m", "kdpipe"]
 
 
 def cluster_env(ray_local, **extra: str) -> dict[str, str]:
@@ -144,8 +144,8 @@ def cluster_env(ray_local, **extra: str) -> dict[str, str]:
 def jpeg_shards(tmp_path_factory) -> Path:
     """2,400 JPEGs in 8 classes sharded by the command line: 7 training shards of 300, 300, ..., 248 (an odd count
     and an uneven one) and 1 held-out shard. 2,048 training samples: 32 batches of 32 for each of 2 ranks."""
-    from pipeline.cli import main
-    from pipeline.data.synthetic import write_image_folder
+    from kdpipe.cli import main
+    from kdpipe.data.synthetic import write_image_folder
 
     root = tmp_path_factory.mktemp("jpeg-shards")
     write_image_folder(root / "images", classes=8, size=16, train_size=2048, val_size=352, seed=3)

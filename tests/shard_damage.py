@@ -7,7 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from pipeline.data.shards import MANIFEST, read_manifest
+from kdpipe.data.shards import MANIFEST, read_manifest
 
 
 def train_shard(folder: Path, index: int = 0) -> Path:

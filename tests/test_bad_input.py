@@ -9,8 +9,8 @@ import sys
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.errors import UserError
+from kdpipe.cli import main
+from kdpipe.errors import UserError
 
 GOOD = {
     "name": "bad",
@@ -152,7 +152,7 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     """The installed entry point, as a user runs it."""
     path = tmp_path / "job.yaml"
     path.write_text(CASES["cycle"][0])
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "kdpipe", "run", str(path)], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "cycle" in done.stderr
     assert "Traceback" not in done.stderr
@@ -193,7 +193,7 @@ def test_a_bad_setting_is_named_in_one_line(case, command, tmp_path, capsys):
 
 
 def test_a_setting_is_checked_like_the_file_and_changes_only_its_field(tmp_path):
-    from pipeline.plan import load_plan
+    from kdpipe.plan import load_plan
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(GOOD))

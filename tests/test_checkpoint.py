@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from pipeline.checkpoint import (
+from kdpipe.job.spec import CheckpointSpec
+from kdpipe.worker.checkpoint import (
     CLOCK_CHECK_STEPS,
     MODEL,
     POSITION,
@@ -16,7 +17,6 @@ from pipeline.checkpoint import (
     read_state,
     write_state,
 )
-from pipeline.spec import CheckpointSpec
 
 
 def trained_pair(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -20,8 +20,9 @@ import pytest
 import requests
 import yaml
 
-from pipeline import artifacts
-from pipeline.tracking import TAG_NODE, TAG_RESUMED, TAG_STAGE, Tracker
+from kdpipe.tracking.store import Tracker
+from kdpipe.tracking.tags import TAG_NODE, TAG_RESUMED, TAG_STAGE
+from kdpipe.worker import artifacts
 from tests.conftest import FASHION_MNIST
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline.plan import load_plan
+from kdpipe.plan import load_plan
 from tests.conftest import write_job
 
 JOB = {

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from pipeline.data import prepare_data
-from pipeline.data.convert import convert
-from pipeline.data.loaders import open_data, random_crop_flip
-from pipeline.data.shards import read_manifest, sha256_file
-from pipeline.data.synthetic import write_image_folder
-from pipeline.spec import DataSpec
+from kdpipe.data import prepare_data
+from kdpipe.data.convert import convert
+from kdpipe.data.loaders import open_data, random_crop_flip
+from kdpipe.data.shards import read_manifest, sha256_file
+from kdpipe.data.synthetic import write_image_folder
+from kdpipe.job.spec import DataSpec
 from tests.conftest import FASHION_MNIST
 
 

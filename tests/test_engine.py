@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import MODEL, Position, read_state, write_state
-from pipeline.data.shard_reader import to_device
-from pipeline.engine import Engine, compiling_nothing, evaluate, lr_factor
-from pipeline.methods import METHODS
-from pipeline.models import build_model
-from pipeline.spec import ScheduleSpec, StageSpec
+from kdpipe.data.shard_reader import to_device
+from kdpipe.job.spec import ScheduleSpec, StageSpec
+from kdpipe.methods import METHODS
+from kdpipe.models import build_model
+from kdpipe.worker.checkpoint import MODEL, Position, read_state, write_state
+from kdpipe.worker.engine import Engine, compiling_nothing, evaluate, lr_factor
 
 CLASSES, SIZE, BATCH = 4, 8, 32
 

@@ -7,19 +7,21 @@ things that must change nothing are also rerun end to end against a finished cha
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
 
-from pipeline.data import prepare_data
-from pipeline.data.synthetic import write_image_folder
-from pipeline.methods import METHODS
-from pipeline.plan import load_plan
-from pipeline.runner import run_job
-from pipeline.spec import DataSpec
+from kdpipe.data import prepare_data
+from kdpipe.data.synthetic import write_image_folder
+from kdpipe.driver.runner import run_job
+from kdpipe.job.spec import DataSpec
+from kdpipe.methods import METHODS
+from kdpipe.plan import load_plan
 from tests.conftest import write_job
 from tests.test_data import write_small_cifar
 
@@ -165,3 +167,16 @@ def test_the_finished_chain_is_reused_wherever_and_however_often_it_runs(finishe
         os.chdir(cwd)
     assert {name: o.status for name, o in outcomes.items()} == dict.fromkeys(first, "reused")
     assert {name: o.run_id for name, o in outcomes.items()} == {name: o.run_id for name, o in first.items()}
+
+
+def test_fingerprints_are_those_of_the_layout_before_the_package_moved():
+    """Runs made before `pipeline` became `kdpipe` (df79ee0) are reused: every shipped job's fingerprints, with a
+    fixed data identity, equal the ones that commit's code computed (tests/data/fingerprints-df79ee0.json, written
+    by running its `pipeline.plan.load_plan(job, check_paths=False).fingerprints("data-identity")` on each job)."""
+    root = Path(__file__).resolve().parents[1]
+    before = json.loads((root / "tests/data/fingerprints-df79ee0.json").read_text())
+    now = {
+        str(job.relative_to(root)): load_plan(job, check_paths=False).fingerprints("data-identity")
+        for job in sorted(root.glob("jobs/**/*.yaml"))
+    }
+    assert now == before

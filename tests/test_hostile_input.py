@@ -15,8 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.data.shards import MAX_PIXELS, BadImage, decode_image
+from kdpipe.cli import main
+from kdpipe.data.shards import MAX_PIXELS, BadImage, decode_image
 from tests.test_bad_input import GOOD
 
 SECONDS = 10
@@ -175,7 +175,7 @@ def test_verify_names_a_shard_with_an_enormous_image(tmp_path, capsys):
     """A training shard whose PNG claims 10^10 pixels: `kdpipe data verify` names it and the image, one line."""
     import webdataset as wds
 
-    from pipeline.data.shards import describe_shard
+    from kdpipe.data.shards import describe_shard
 
     folder = tmp_path / "shards"
     folder.mkdir()

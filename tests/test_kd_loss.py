@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.methods import METHODS
-from pipeline.methods.kd import KDParams, kd_loss
+from kdpipe.methods import METHODS
+from kdpipe.methods.kd import KDParams, kd_loss
 
 ZS = [[1.0, 2.0, 0.5], [0.2, -1.0, 3.0]]
 ZT = [[2.0, 1.0, 0.0], [0.0, 0.0, 4.0]]

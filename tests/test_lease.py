@@ -13,7 +13,9 @@ import time
 
 from mlflow.entities import Run, RunData, RunInfo, RunTag
 
-from pipeline.tracking import DRIVER, TAG_HEARTBEAT, TAG_HOLDER, Lease, Tracker
+from kdpipe.tracking.lease import DRIVER, Lease
+from kdpipe.tracking.store import Tracker
+from kdpipe.tracking.tags import TAG_HEARTBEAT, TAG_HOLDER
 from tests.conftest import REPEATS
 from tests.test_resume import stage_runs
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.methods import METHODS
-from pipeline.models import build_model
+from kdpipe.methods import METHODS
+from kdpipe.models import build_model
 
 CLASSES, SIZE = 10, 32
 TEACHERS = {"dgkd": 2, "dml": 0, "dcm": 0}  # how many teachers each method is given here (default 1)
@@ -119,9 +119,9 @@ def test_dcm_heads_are_scaffolding_the_saved_networks_are_plain_models():
 def test_per_epoch_values_are_logged_and_plotted_into_the_run(tmp_path, name, key):
     """What the training loop does at each epoch's end, against a real MLflow store: the method's per-epoch values
     (infoflow's schedule, adaptive's exp(-a)) go in as metrics by epoch and as plots/<method>.png."""
-    from pipeline.spec import StageSpec
-    from pipeline.stage import RunLog
-    from pipeline.tracking import Tracker
+    from kdpipe.job.spec import StageSpec
+    from kdpipe.tracking.store import Tracker
+    from kdpipe.worker.sinks import RunLog
 
     method, _, _ = run_method(name, "resnet8", "resnet8")
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")

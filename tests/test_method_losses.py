@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.methods import METHODS
-from pipeline.methods.adaptive import aggregate, gram_loss
-from pipeline.methods.at import at_loss
-from pipeline.methods.dcm import smoothed_kl
-from pipeline.methods.dgkd import DGKDParams, dropped_teachers
-from pipeline.methods.dml import DMLParams, mutual_kl
-from pipeline.methods.fitnets import ConvReg
-from pipeline.methods.infoflow import InfoFlow, InfoFlowParams, flow_loss
-from pipeline.methods.pkt import pkt_loss
-from pipeline.methods.sp import sp_loss
-from pipeline.methods.takd import TAKDParams, takd_kl
+from kdpipe.methods import METHODS
+from kdpipe.methods.adaptive import aggregate, gram_loss
+from kdpipe.methods.at import at_loss
+from kdpipe.methods.dcm import smoothed_kl
+from kdpipe.methods.dgkd import DGKDParams, dropped_teachers
+from kdpipe.methods.dml import DMLParams, mutual_kl
+from kdpipe.methods.fitnets import ConvReg
+from kdpipe.methods.infoflow import InfoFlow, InfoFlowParams, flow_loss
+from kdpipe.methods.pkt import pkt_loss
+from kdpipe.methods.sp import sp_loss
+from kdpipe.methods.takd import TAKDParams, takd_kl
 from tests.test_kd_loss import ZS, ZT, Fixed, Y
 
 F_S = [[1.0, 0.0], [0.5, 0.5], [0.0, 2.0]]  # the reference's example 3-5 features, B = 3, D = 2
@@ -285,8 +285,8 @@ def test_dcm_dense_cross_layer_sum_is_all_18_pairs_both_ways():
     ce = sum(-np.log(softmax(z)[np.arange(batch), labels]).mean() for z in logits.values())
     kl = sum((smoothed(logits[r]) * np.log(smoothed(logits[r]) / smoothed(logits[m]))).sum(1).mean() for m, r in pairs)
 
-    from pipeline.methods.dcm import DCMParams
-    from pipeline.models import build_model
+    from kdpipe.methods.dcm import DCMParams
+    from kdpipe.models import build_model
 
     method = METHODS["dcm"](build_model("resnet8", classes), [], DCMParams(), model="resnet8", num_classes=classes)
     outputs = {name: torch.tensor(z, requires_grad=True) for name, z in logits.items()}

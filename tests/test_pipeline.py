@@ -11,10 +11,11 @@ import mlflow
 import torch
 from safetensors.torch import load_file
 
-from pipeline import artifacts
-from pipeline.models import build_model, load_weights
-from pipeline.runner import run_job
-from pipeline.tracking import TAG_SETTINGS, Tracker
+from kdpipe.driver.runner import run_job
+from kdpipe.models import build_model, load_weights
+from kdpipe.tracking.store import Tracker
+from kdpipe.tracking.tags import TAG_SETTINGS
+from kdpipe.worker import artifacts
 from tests.conftest import CHAIN_STEPS_PER_EPOCH, teacher_batches, tiny_job, write_job
 
 
@@ -64,7 +65,7 @@ def test_the_first_students_of_a_teacher_fill_its_cache(finished_chain):
 
 def test_a_stages_ray_train_run_starts_no_ray_data_actor(finished_chain):
     """Issue 14: a stage's Ray Train run starts its workers and no `DatasetManager` (Ray Train starts one per run,
-    a process importing Ray Data, that kdpipe's runs never use; `pipeline.trainer`)."""
+    a process importing Ray Data, that kdpipe's runs never use; `kdpipe.driver.trainer`)."""
     from ray.util.state import list_actors
 
     def started(cls: str) -> int:
@@ -109,7 +110,7 @@ def test_a_second_run_reuses_every_stage(finished_chain):
 
 RERUN = """
 import sys
-from pipeline.cli import main
+from kdpipe.cli import main
 code = main(["run", sys.argv[1]])
 print(code, *sorted(m for m in ("ray", "deepspeed", "torchvision") if m in sys.modules))
 """
@@ -126,7 +127,7 @@ def test_a_rerun_of_a_finished_job_imports_no_ray_and_no_training_stack(finished
 def test_a_failed_stage_skips_its_students_and_exits_1(ray_local, tmp_path, capsys):
     """A stage that cannot run (each of its 2 workers would get 32 of 64 images, less than a batch) fails before
     any worker starts, with its reason in one line; its student is skipped; the job run is FAILED; exit 1."""
-    from pipeline.cli import main
+    from kdpipe.cli import main
 
     stages = [
         {"name": "teacher", "model": "resnet8", "epochs": 1},
@@ -171,7 +172,7 @@ def test_force_retrains_the_stage_and_downstream_in_new_runs(finished_chain):
 
 def test_status_table_shows_each_stage(finished_chain, capsys):
     """`kdpipe status`, by job file and by job run id: state, epochs, checkpoint step and run id per stage."""
-    from pipeline.cli import main
+    from kdpipe.cli import main
 
     root, plan, first = finished_chain
     tracker = Tracker(f"sqlite:///{root}/mlflow.db")
@@ -197,7 +198,7 @@ def test_a_setting_changes_its_stage_for_status_and_the_job_run_records_it(finis
     """Issue 17, point 2: `--set` changes a field as an edited job file would. The student's learning rate set
     to another value: `kdpipe status` shows the student outdated and its teachers not. Settings equal to the
     file's values change nothing (every stage reused, no training), and the job run records them."""
-    from pipeline.cli import main
+    from kdpipe.cli import main
 
     root, _, first = finished_chain
     job_file = root / "job.yaml"

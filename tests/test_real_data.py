@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import artifacts
-from pipeline.cli import main
-from pipeline.data import prepare_data
-from pipeline.data.loaders import open_data
-from pipeline.data.shards import read_manifest
-from pipeline.models import load_weights
-from pipeline.plan import load_plan
-from pipeline.runner import run_job
-from pipeline.tracking import Tracker
+from kdpipe.cli import main
+from kdpipe.data import prepare_data
+from kdpipe.data.loaders import open_data
+from kdpipe.data.shards import read_manifest
+from kdpipe.driver.runner import run_job
+from kdpipe.models import load_weights
+from kdpipe.plan import load_plan
+from kdpipe.tracking.store import Tracker
+from kdpipe.worker import artifacts
 from tests.conftest import FASHION_MNIST, write_job
 from tests.shard_damage import garble_image, train_shard
 

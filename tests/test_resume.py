@@ -19,12 +19,14 @@ import psutil
 import requests
 import torch
 
-from pipeline import artifacts
-from pipeline.cli import main
-from pipeline.models import load_weights
-from pipeline.plan import load_plan
-from pipeline.runner import ray_run_name, run_job, storage_path
-from pipeline.tracking import TAG_RESUMED, Tracker
+from kdpipe.cli import main
+from kdpipe.driver.launch import ray_run_name, storage_path
+from kdpipe.driver.runner import run_job
+from kdpipe.models import load_weights
+from kdpipe.plan import load_plan
+from kdpipe.tracking.store import Tracker
+from kdpipe.tracking.tags import TAG_RESUMED
+from kdpipe.worker import artifacts
 from tests.conftest import (
     CHAIN,
     CHAIN_DATA,

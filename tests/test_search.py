@@ -22,12 +22,14 @@ import torch
 from ray import tune
 from safetensors.torch import load_file
 
-from pipeline import artifacts
-from pipeline.cli import main
-from pipeline.models import load_weights
-from pipeline.plan import load_plan
-from pipeline.runner import ray_run_name, run_job, storage_path
-from pipeline.tracking import TAG_BEST_TRIAL, TAG_PRUNED, TAG_RESUMED, TAG_TRIAL, Tracker
+from kdpipe.cli import main
+from kdpipe.driver.launch import ray_run_name, storage_path
+from kdpipe.driver.runner import run_job
+from kdpipe.models import load_weights
+from kdpipe.plan import load_plan
+from kdpipe.tracking.store import Tracker
+from kdpipe.tracking.tags import TAG_BEST_TRIAL, TAG_PRUNED, TAG_RESUMED, TAG_TRIAL
+from kdpipe.worker import artifacts
 from tests.conftest import (
     CHAIN,
     CHAIN_DATA,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.models import build_model, load_weights, save_weights
+from kdpipe.models import build_model, load_weights, save_weights
 
-SOURCES = sorted((Path(__file__).resolve().parents[1] / "pipeline").rglob("*.py"))
+SOURCES = sorted((Path(__file__).resolve().parents[1] / "kdpipe").rglob("*.py"))
 FORBIDDEN = {
     "eval/exec": re.compile(r"(?<![\w.])(eval|exec)\("),
     "shell": re.compile(r"shell\s*=\s*True|os\.system\(|os\.popen\("),

@@ -9,11 +9,12 @@ import statistics
 import torch
 from safetensors.torch import load_file
 
-from pipeline import artifacts
-from pipeline.cli import main
-from pipeline.models import load_weights
-from pipeline.report import REPORT
-from pipeline.tracking import TAG_SEED, TAG_STAGE, TAG_TEACHER, Tracker
+from kdpipe.cli import main
+from kdpipe.driver.report import REPORT
+from kdpipe.models import load_weights
+from kdpipe.tracking.store import Tracker
+from kdpipe.tracking.tags import TAG_SEED, TAG_STAGE, TAG_TEACHER
+from kdpipe.worker import artifacts
 from tests.conftest import REPEATS
 from tests.test_resume import stage_runs
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.data.shards import read_manifest
+from kdpipe.cli import main
+from kdpipe.data.shards import read_manifest
 from tests.conftest import SHARD_ARGS
 from tests.shard_damage import DAMAGES, train_shard
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data import NORMALIZATION, prepare_data
-from pipeline.data.loaders import open_data
-from pipeline.data.shard_reader import BadDataError, cut_ranges, range_lengths
-from pipeline.data.shards import read_manifest
-from pipeline.errors import UserError
-from pipeline.spec import DataSpec
+from kdpipe.data import NORMALIZATION, prepare_data
+from kdpipe.data.loaders import open_data
+from kdpipe.data.shard_reader import BadDataError, cut_ranges, range_lengths
+from kdpipe.data.shards import read_manifest
+from kdpipe.errors import UserError
+from kdpipe.job.spec import DataSpec
 from tests.shard_damage import garble_image, train_shard
 
 

@@ -3,7 +3,7 @@ off."""
 
 import gc
 
-from pipeline.startup import collector_paused
+from kdpipe.startup import collector_paused
 
 
 def made_inside() -> list:

@@ -14,12 +14,13 @@ import copy
 import pytest
 import torch
 
-from pipeline.checkpoint import Position
-from pipeline.engine import Engine, evaluate
-from pipeline.methods import METHODS
-from pipeline.models import build_model
-from pipeline.spec import StageSpec
-from pipeline.teacher_cache import CachedTeacher, Exact, TeacherCache, TeacherCaches, TopK, cache_key
+from kdpipe.job.cache_policy import cache_key
+from kdpipe.job.spec import StageSpec
+from kdpipe.methods import METHODS
+from kdpipe.models import build_model
+from kdpipe.worker.checkpoint import Position
+from kdpipe.worker.engine import Engine, evaluate
+from kdpipe.worker.teacher_cache import CachedTeacher, Exact, TeacherCache, TeacherCaches, TopK
 from tests.test_engine import BATCH, CLASSES, Blobs, Recorder, make_engine, train
 
 EPOCHS = 2

@@ -7,8 +7,10 @@ import socket
 
 import pytest
 
-from pipeline.tracking import RunArtifacts, Tracker, TrackingError
-from pipeline.tracking_actor import ActorTracker, open_tracking_actor
+from kdpipe.tracking import TrackingError
+from kdpipe.tracking.files import RunArtifacts
+from kdpipe.tracking.store import Tracker
+from kdpipe.worker.tracking_actor import ActorTracker, open_tracking_actor
 
 
 def test_a_runs_files_move_by_its_artifact_uri_without_opening_the_tracking_store(tmp_path):

@@ -1,0 +1,93 @@
+"""`StageRecords` in an MLflow experiment: runs found by fingerprint, held through leases
+(`kdpipe.tracking.lease`), final weights and checkpoints found by the worker's artifact layout
+(`kdpipe.worker.artifacts`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+from kdpipe.driver.records import Finished, Unfinished
+from kdpipe.tracking import lease
+from kdpipe.tracking.lease import Lease, lease_seconds, run_is_live
+from kdpipe.tracking.store import Tracker
+from kdpipe.tracking.tags import TAG_VALUES
+from kdpipe.worker import artifacts
+
+
+class MlflowRecords:
+    """`StageRecords` in an MLflow experiment."""
+
+    def __init__(self, tracker: Tracker, experiment_id: str):
+        self.tracker, self.experiment_id, self.uri = tracker, experiment_id, tracker.uri
+        self.job = self.parent = ""
+        self.renewed = time.monotonic()
+
+    def start_job(self, name: str, spec: dict, settings: Sequence[str]) -> None:
+        self.job, self.parent = name, self.tracker.start_job_run(self.experiment_id, name, spec, settings)
+
+    def finished(self, fingerprint: str) -> Finished | None:
+        run = self.tracker.find_finished_stage(self.experiment_id, fingerprint, artifacts.FINAL_WEIGHTS)
+        if run is None:
+            return None
+        values = run.data.tags.get(TAG_VALUES)
+        return Finished(run.info.run_id, dict(run.data.metrics), json.loads(values) if values else {})
+
+    def unfinished(self, fingerprint: str) -> Unfinished | None:
+        run = self.tracker.find_interrupted_stage(self.experiment_id, fingerprint)
+        if run is None:
+            return None
+        run_id = run.info.run_id
+        if run_is_live(run):
+            return Unfinished(run_id, Lease.of(run).describe(), False)
+        return Unfinished(run_id, "", bool(artifacts.stored_checkpoints(self.tracker.artifacts(run_id))))
+
+    def holder(self, run_id: str) -> str:
+        run = self.tracker.get_run(run_id)
+        return Lease.of(run).describe() if run_is_live(run) else ""
+
+    def create(
+        self, stage: str, fingerprint: str, config: dict, teacher_runs: dict[str, str], seed: int
+    ) -> str | Unfinished:
+        tracker = self.tracker
+        run_id = tracker.start_stage_run(
+            self.experiment_id, self.parent, self.job, stage, fingerprint, config, teacher_runs, seed, lease.held()
+        )
+        first = lease.first_live_run(tracker, self.experiment_id, fingerprint)
+        if first is None or first.info.run_id == run_id:
+            return run_id
+        tracker.discard(run_id)
+        return Unfinished(first.info.run_id, Lease.of(first).describe(), False)
+
+    def take_over(self, run_id: str, stage: str) -> bool:
+        if not lease.take_over(self.tracker, run_id):
+            return False
+        self.tracker.reopen(run_id, self.parent, stage)
+        return True
+
+    def artifact_uri(self, run_id: str) -> str:
+        return self.tracker.artifact_uri(run_id)
+
+    def mark_reused(self, stage: str, run_id: str) -> None:
+        self.tracker.set_tags(self.parent, {f"kdpipe.reused.{stage}": run_id})
+
+    def end(self, run_id: str, ok: bool) -> dict[str, float]:
+        self.tracker.finish(run_id, "FINISHED" if ok else "FAILED")
+        return self.tracker.latest_metrics(run_id)
+
+    def renew(self, run_ids: list[str]) -> None:
+        """A few times per lease."""
+        if time.monotonic() - self.renewed < lease_seconds() / 3:
+            return
+        self.renewed = time.monotonic()
+        lease.renew(self.tracker, run_ids)
+
+    def release(self, run_id: str) -> None:
+        lease.release(self.tracker, run_id)
+
+    def end_job(self, title: str, results: list, baseline: str | None, drawn: bool, ok: bool) -> None:
+        from kdpipe.driver.report import log_report
+
+        log_report(self.tracker, self.parent, title, results, baseline, drawn)
+        self.tracker.finish(self.parent, "FINISHED" if ok else "FAILED")

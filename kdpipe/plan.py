@@ -1,0 +1,223 @@
+"""A job planned: its stages checked against the model and method registries, each method's params resolved, one
+planned stage per seed, and each stage's fingerprint. Everything `kdpipe validate` checks without running anything.
+
+It sits above `kdpipe.job` (which knows no torch) because a method's params are defined beside its loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from kdpipe.data import data_identity
+from kdpipe.errors import UserError
+from kdpipe.job import cache_policy, dag
+from kdpipe.job.describe import describe_error, short_repr
+from kdpipe.job.dotted import PathError, get_at, set_at
+from kdpipe.job.load import load_job
+from kdpipe.job.spec import JobSpec, StageSpec, TeacherCacheMode
+from kdpipe.methods import METHODS, get_method, parse_params
+from kdpipe.models import is_known_model
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    spec: StageSpec  # as it runs: a repeat's name carries its seed (`student-s1`), and so do its teachers'
+    params: BaseModel  # the method's params with defaults filled in
+    method_version: int
+    seed: int = 0
+    source: StageSpec | None = None  # as the job file has it, when `spec` is one of its repeats
+
+    @property
+    def config(self) -> dict:
+        """The resolved stage config: what MLflow records as params."""
+        return self.resolved(self.spec)
+
+    def resolved(self, spec: StageSpec) -> dict:
+        resolved = spec.model_dump()
+        resolved["params"] = self.params.model_dump()
+        return resolved
+
+    def identity(self, job: JobSpec) -> dict:
+        """What this stage learns from, apart from its teachers and the data's content: its resolved config as
+        the job file has it, its seed, the data settings that decide which samples it sees and how, its method's
+        version. Where and on what its workers run (placement, CPUs, GPUs) changes nothing it learns; their count
+        sets the global batch and stays. How many repeats there are is not what one repeat learns from: seed 0 of
+        `seeds: [0, 1, 2]` is the run of a single-seed job with seed 0."""
+        resolved = self.resolved(self.source or self.spec)
+        resolved.pop("seeds")
+        resolved.pop("teacher_cache")
+        cache = cache_policy.fingerprint_part(self.teacher_cache(job))
+        if cache is not None:
+            resolved["teacher_cache"] = cache
+        resolved["workers"] = resolved["workers"]["count"]
+        return {
+            "stage": resolved,
+            "seed": self.seed,
+            "reading": job.data.reading(),
+            "method_version": self.method_version,
+        }
+
+    def teacher_cache(self, job: JobSpec) -> TeacherCacheMode:
+        """How the stage's teachers' outputs are cached (`kdpipe.job.cache_policy`)."""
+        cacheable = bool(self.spec.teachers) and METHODS[self.spec.method].cacheable(self.params)
+        return cache_policy.stage_mode(self.spec.teacher_cache, job.teacher_cache, cacheable)
+
+
+@dataclass(frozen=True)
+class Plan:
+    job: JobSpec
+    order: list[str]  # teachers before students
+    stages: dict[str, PlannedStage]
+    settings: tuple[str, ...] = ()  # the `--set PATH=VALUE`s applied to the job file, as given
+
+    def fingerprints(self, data_id: str) -> dict[str, str]:
+        prints: dict[str, str] = {}
+        for name in self.order:
+            stage = self.stages[name]
+            upstream = [prints[t] for t in stage.spec.teachers]
+            prints[name] = dag.fingerprint(stage.identity(self.job), upstream, data_id)
+        return prints
+
+    def current_fingerprints(self) -> dict[str, str]:
+        """The fingerprints as the data stands, for looking up what a run would reuse; none while synthetic data
+        has not been generated (so nothing can have trained on it)."""
+        identity = data_identity(self.job.data)
+        return self.fingerprints(identity) if identity else {}
+
+    def named(self, name: str) -> list[str]:
+        """The planned stages a name stands for: a stage, or every repeat of a job-file stage."""
+        return [n for n, stage in self.stages.items() if name in (n, stage.source.name if stage.source else n)]
+
+    def downstream(self, name: str) -> set[str]:
+        """`name` and every stage that learns from it, directly or through others."""
+        found = {name}
+        for stage in self.order:
+            if found.intersection(self.stages[stage].spec.teachers):
+                found.add(stage)
+        return found
+
+
+def plan_job(job: JobSpec) -> Plan:
+    order = dag.topological_order(job.stages)
+    planned, index = {}, {}
+    for i, stage in enumerate(job.stages):
+        planned[stage.name], index[stage.name] = plan_stage(stage, f"stages[{i}]"), i
+        if stage.search is not None:
+            check_search(planned[stage.name], f"stages[{i}].search.space")
+    check_baseline(job, job.baseline, "baseline")
+    return repeat_over_seeds(job, order, planned, index)
+
+
+def check_baseline(job: JobSpec, baseline: str | None, where: str) -> None:
+    """A baseline (the job file's, or `kdpipe report --baseline`) names one of the job file's stages."""
+    names = [stage.name for stage in job.stages]
+    if baseline is not None and baseline not in names:
+        raise UserError(f"{where}: unknown stage '{baseline}'; expected one of: {', '.join(names)}")
+
+
+def repeat_over_seeds(job: JobSpec, order: list[str], planned: dict[str, PlannedStage], index: dict) -> Plan:
+    """One planned stage per (stage, seed). A stage of several seeds becomes `name-s<seed>` repeats, each
+    learning from its teachers' repeat of the same seed, or from a teacher's only seed; a stage of one seed
+    keeps its name."""
+    seeds = {name: stage.spec.seeds or job.seeds or [job.seed] for name, stage in planned.items()}
+
+    def repeat(name: str, seed: int) -> str:
+        return name if len(seeds[name]) == 1 else f"{name}-s{seed}"
+
+    stages: dict[str, PlannedStage] = {}
+    for name in order:
+        stage = planned[name]
+        for seed in seeds[name]:
+            teachers = []
+            for teacher in stage.spec.teachers:
+                if len(seeds[teacher]) > 1 and seed not in seeds[teacher]:
+                    raise UserError(
+                        f"stages[{index[name]}].teachers: '{name}' repeats seed {seed}, which its teacher '{teacher}' "
+                        f"does not (its seeds: {seeds[teacher]}); give '{teacher}' that seed or a single seed"
+                    )
+                teachers.append(repeat(teacher, seed if len(seeds[teacher]) > 1 else seeds[teacher][0]))
+            spec = stage.spec.model_copy(update={"name": repeat(name, seed), "teachers": teachers})
+            if spec.name in stages or (spec.name != name and spec.name in planned):
+                raise UserError(f"stages[{index[name]}]: its repeat '{spec.name}' has the name of another stage")
+            stages[spec.name] = dataclasses.replace(stage, spec=spec, seed=seed, source=stage.spec)
+    return Plan(job, list(stages), stages)
+
+
+def plan_stage(stage: StageSpec, where: str) -> PlannedStage:
+    """A stage checked against the model and method registries, with its method's params resolved."""
+    if not is_known_model(stage.model):
+        raise UserError(
+            f"{where}.model: unknown model '{stage.model}'; expected a torchvision model name "
+            "or resnet8..resnet110, resnet8x4, resnet32x4"
+        )
+    method = get_method(stage.method, f"{where}.method")
+    count, low, high = len(stage.teachers), method.min_teachers, method.max_teachers
+    if count < low or (high is not None and count > high):
+        wanted = f"at least {low}" if high is None else (f"{low}" if low == high else f"{low} to {high}")
+        raise UserError(f"{where}.teachers: method '{method.name}' takes {wanted} teacher(s), got {count}")
+    params = parse_params(method, stage.params, f"{where}.params")
+    problem = method.check(params, count)
+    if problem:
+        raise UserError(f"{where}.params.{problem}")
+    return PlannedStage(stage, params, method.version)
+
+
+UNSEARCHABLE = ("name", "teachers", "method", "workers", "search")  # what a stage is, not how it trains
+
+
+def with_values(stage: StageSpec, values: dict[str, Any]) -> PlannedStage:
+    """The stage with the searched `values` set at their dotted paths (a trial, with no search of its own),
+    checked like the job file: a `UserError` naming the path if one is unknown, of the wrong type or out of
+    range."""
+    raw = stage.model_dump(exclude={"search"})
+    for path, value in values.items():
+        if path.split(".")[0] in UNSEARCHABLE:
+            raise UserError(f"{path}: not searchable; a trial is the same stage with other hyperparameters")
+        try:
+            set_at(raw, path, value)
+        except PathError as err:
+            raise UserError(f"{path}: {err}") from None
+    try:
+        return plan_stage(StageSpec.model_validate(raw), "stage")
+    except ValidationError as err:
+        raise UserError(describe_error(err, StageSpec)) from None
+
+
+def check_search(stage: PlannedStage, where: str) -> None:
+    """Every searched path names a number of the stage (or, for `choice`, a field each choice is valid for): each
+    bound and each choice is set in turn and the stage checked as a trial would be."""
+    for path, dimension in stage.spec.search.space.items():
+        candidates = dimension.values or [dimension.low, dimension.high]
+        if dimension.distribution == "int":
+            candidates = [int(value) for value in candidates]
+        for value in candidates:
+            try:
+                trial = with_values(stage.spec, {path: value})
+            except UserError as err:  # the detail, without the field path it starts with
+                detail = str(err).split(": ", 1)[-1]
+                raise UserError(f"{where}.{path}: {detail} (searching {short_repr(value)})") from None
+            found = get_at(trial.config, path)
+            if found is None:
+                raise UserError(f"{where}.{path}: unknown field of the stage")
+            if dimension.distribution != "choice" and (isinstance(found, bool) or not isinstance(found, int | float)):
+                raise UserError(
+                    f"{where}.{path}: not a number of the stage ({short_repr(found)}); expected a path to a number "
+                    "such as params.temperature or optimizer.lr"
+                )
+
+
+def load_plan(path: str | Path, check_paths: bool = True, settings: Sequence[str] = ()) -> Plan:
+    """Load, validate and plan a job file with its `--set` settings; every problem is a one-line `UserError`
+    naming the file (or the setting). `check_paths=False` leaves data paths to the machine that will read them."""
+    job = load_job(path, check_paths, settings)
+    try:
+        return dataclasses.replace(plan_job(job), settings=tuple(settings))
+    except UserError as err:
+        source = f"{path} with --set {' --set '.join(settings)}" if settings else path
+        raise UserError(f"{source}: {err}") from None

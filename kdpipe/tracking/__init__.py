@@ -1,0 +1,12 @@
+"""Every MLflow call kdpipe makes: the store and its runs (`store`), leases (`lease`), artifact files (`files`)."""
+
+import os
+
+# kdpipe prints its own table of run ids; MLflow's per-run "View run at" lines and download bars would break into
+# the progress bars.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+class TrackingError(Exception):
+    """MLflow failed (server unreachable, store broken): one line that names the tracking URI."""
