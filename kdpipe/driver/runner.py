@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from kdpipe.data import PreparedData, prepare_data, steps_per_epoch
 from kdpipe.driver.records import StageRecords, Unfinished
+from kdpipe.driver.report import job_results
 from kdpipe.driver.state import StageState
 from kdpipe.job.cache_policy import cache_settings
 from kdpipe.plan import Plan, PlannedStage
@@ -123,16 +124,18 @@ class JobRunner:
                     self.records.renew([self.outcomes[name].run_id for name in self.running.values()])
                 if on_poll:
                     on_poll(self.outcomes, self.launcher.progress())
-        ok = all(o.finished for o in self.outcomes.values())
-        from kdpipe.driver.report import job_results
+        self.end_job()
+        return self.outcomes
 
+    def end_job(self) -> None:
+        """The job's report into its job run, which ends FINISHED if every stage did."""
         results = job_results(self.plan, {name: o.metrics if o.finished else None for name, o in self.outcomes.items()})
         # The report's plot only when this run trained something: a rerun that reused every stage draws the same
         # picture, and matplotlib's import would be most of its few seconds.
         drawn = any(o.status not in (StageState.REUSED, StageState.SKIPPED) for o in self.outcomes.values())
+        ok = all(o.finished for o in self.outcomes.values())
         with contextlib.suppress(TrackingError):  # a tracking outage is already each stage's reported error
             self.records.end_job(f"kdpipe job '{self.job.name}'", results, self.job.baseline, drawn, ok)
-        return self.outcomes
 
     def look_up(self, outcome: StageOutcome) -> None:
         """Reuse a finished run of this exact stage (same fingerprint); wait for one another driver is training;
