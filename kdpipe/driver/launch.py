@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from kdpipe.driver.capacity import check_answers
 from kdpipe.job.spec import WorkersSpec, workdir_path
 from kdpipe.startup import collector_paused
 from kdpipe.worker.entry import run_stage
@@ -26,7 +27,8 @@ TUNE_SETTINGS = {"TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_AIR_NEW_OUTPUT": "0"}
 
 
 def ensure_ray(verbose: bool) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local one on this machine's cores.
+    """Join the cluster named by RAY_ADDRESS (one line if it does not answer), or start a local one on this
+    machine's cores: a new one, whatever cluster another `ray start` recorded on the machine.
 
     The driver's MLFLOW_* settings (credentials, timeouts, retries) go to every worker: they log to MLflow too.
     """
@@ -37,9 +39,11 @@ def ensure_ray(verbose: bool) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    if address:
+        check_answers(address)
     mlflow_env = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
     ray.init(
-        address=address,
+        address=address or "local",
         runtime_env={"env_vars": mlflow_env} if mlflow_env else None,
         log_to_driver=verbose,
         # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner needs: without it, the

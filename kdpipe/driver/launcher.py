@@ -3,8 +3,10 @@ imported at the first launch: a rerun that reuses every stage never imports it."
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from kdpipe.driver.capacity import check_fits, cluster_nodes
 from kdpipe.driver.launch import ensure_ray, launch_stage, ray_run_name, storage_holds, storage_path
 from kdpipe.job.spec import JobSpec
 from kdpipe.plan import PlannedStage
@@ -12,13 +14,14 @@ from kdpipe.worker.task import StageTask
 
 
 class RayLauncher:
-    """How `kdpipe run` launches stages: on Ray, started (or joined) at the first launch, with the job's progress
-    board and tracking actor."""
+    """Ray, started or joined at the first launch. A cluster this driver started itself cannot grow, so a stage
+    whose workers can never fit there fails at once; one it joined (RAY_ADDRESS) may grow for them."""
 
     def __init__(self, job: JobSpec, tracking_uri: str, experiment_id: str, verbose: bool):
         self.job, self.tracking_uri, self.experiment_id, self.verbose = job, tracking_uri, experiment_id, verbose
         self.storage = storage_path(job.workdir)
         self.board = self.tracking_actor = None
+        self.can_grow = bool(os.environ.get("RAY_ADDRESS"))
 
     def resumable(self, stage: str, run_id: str) -> bool:
         """Whether Ray Train's storage holds checkpoints of this stage run."""
@@ -37,6 +40,8 @@ class RayLauncher:
 
     def launch(self, task: StageTask, stage: PlannedStage) -> dict[str, Any]:
         """Train the stage; returns the values its search chose (none for a stage without a search)."""
+        if not self.can_grow:
+            check_fits(stage.spec.workers, cluster_nodes())
         restarts = self.job.checkpoint.max_restarts
         if stage.spec.search is None:
             launch_stage(task, stage.spec.workers, self.storage, restarts)
