@@ -39,7 +39,8 @@ class StageRecords(Protocol):
         """The newest run of this fingerprint that never finished."""
 
     def holder(self, run_id: str) -> str:
-        """The living driver that trains a run, in words; "" when none does (or the run cannot be read)."""
+        """The living driver that trains a run, in words; "" when none does. Raises `TrackingError` when the record
+        cannot be read (the runner looks again at its next poll)."""
 
     def create(
         self, stage: str, fingerprint: str, config: dict, teacher_runs: dict[str, str], seed: int
