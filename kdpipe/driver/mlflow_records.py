@@ -8,6 +8,8 @@ import json
 import time
 from collections.abc import Sequence
 
+from mlflow.entities import Run
+
 from kdpipe.driver.records import Finished, Unfinished
 from kdpipe.tracking import lease
 from kdpipe.tracking.lease import Lease, lease_seconds, run_is_live
@@ -38,14 +40,13 @@ class MlflowRecords:
         run = self.tracker.find_interrupted_stage(self.experiment_id, fingerprint)
         if run is None:
             return None
-        run_id = run.info.run_id
-        if run_is_live(run):
-            return Unfinished(run_id, Lease.of(run).describe(), False)
+        run_id, holder = run.info.run_id, holder_of(run)
+        if holder:
+            return Unfinished(run_id, holder, False)
         return Unfinished(run_id, "", bool(artifacts.stored_checkpoints(self.tracker.artifacts(run_id))))
 
     def holder(self, run_id: str) -> str:
-        run = self.tracker.get_run(run_id)
-        return Lease.of(run).describe() if run_is_live(run) else ""
+        return holder_of(self.tracker.get_run(run_id))
 
     def create(
         self, stage: str, fingerprint: str, config: dict, teacher_runs: dict[str, str], seed: int
@@ -58,7 +59,7 @@ class MlflowRecords:
         if first is None or first.info.run_id == run_id:
             return run_id
         tracker.discard(run_id)
-        return Unfinished(first.info.run_id, Lease.of(first).describe(), False)
+        return Unfinished(first.info.run_id, holder_of(first), False)
 
     def take_over(self, run_id: str, stage: str) -> bool:
         if not lease.take_over(self.tracker, run_id):
@@ -91,3 +92,8 @@ class MlflowRecords:
 
         log_report(self.tracker, self.parent, title, results, baseline, drawn)
         self.tracker.finish(self.parent, "FINISHED" if ok else "FAILED")
+
+
+def holder_of(run: Run) -> str:
+    """The living driver that trains a run, in words; "" when none does."""
+    return Lease.of(run).describe() if run_is_live(run) else ""
