@@ -1,6 +1,6 @@
 """Nothing waits on a cluster that cannot answer: RAY_ADDRESS that does not answer is one line within seconds,
-a stale cluster record does not capture `kdpipe run`, workers that can never fit fail at once, and a hung test
-fails at its deadline."""
+a stale cluster record does not capture `kdpipe run`, workers that can never fit fail at once (on a cluster that
+cannot grow) or at their deadline (on one that may), and a hung test fails at its deadline."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from kdpipe.cli import main
 from kdpipe.driver.capacity import WorkersCannotFit, check_answers, check_fits, fits
 from kdpipe.errors import UserError
 from kdpipe.job.spec import WorkersSpec
-from tests.conftest import tiny_job, write_job
+from tests.conftest import KDPIPE, cluster_env, tiny_job, write_job
 
 NODE = {"CPU": 4.0, "GPU": 1.0}
 
@@ -86,6 +86,30 @@ def test_a_stage_that_can_never_fit_the_local_cluster_fails_at_once(ray_local, t
     assert "holds 2 CPU on 1 node(s) and cannot grow" in line
     assert "student: a teacher stage did not finish" in err
     assert time.monotonic() - started < 30
+
+
+def test_a_stage_that_cannot_be_placed_on_a_cluster_that_may_grow_fails_at_its_deadline(ray_local, tmp_path):
+    """A `kdpipe run` that joins the session's Ray (RAY_ADDRESS: a cluster that may grow) launches the 8 workers and
+    waits for them, in Ray Train's placement attempts (1 s here), up to the stage's deadline; then the stage fails in
+    one line naming what it asked and what the cluster holds, its student is skipped, and nothing of it is left."""
+    from tests.test_search import live_placement_groups
+
+    stages = [
+        {"name": "huge", "model": "resnet8", "epochs": 1, "workers": {"count": 8, "start_timeout": 4}},
+        {"name": "student", "model": "resnet8", "teachers": ["huge"], "method": "kd", "epochs": 1},
+    ]
+    job = write_job(tmp_path / "job.yaml", tiny_job(tmp_path, stages))
+    env = cluster_env(ray_local, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="1")
+    started = time.monotonic()
+    done = subprocess.run([*KDPIPE, "run", str(job)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    line = next(line for line in done.stderr.splitlines() if line.startswith("huge: "))
+    assert "WorkersNotPlaced: workers: 8 workers of 1 CPU each (PACK) were not placed within 4 s" in line
+    assert "the Ray cluster holds 2 CPU (" in line and "on 1 node(s)" in line
+    assert "student: a teacher stage did not finish" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 60
+    assert not live_placement_groups()
 
 
 def stale_record(tmp: Path) -> str:

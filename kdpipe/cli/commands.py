@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdpipe.cli.progress import StageBars
 
     with StageBars(plan) as bars:
-        outcomes = run_job(plan, force=tuple(args.force), verbose=args.verbose, on_poll=bars)
+        outcomes = run_job(plan, force=tuple(args.force), verbose=args.verbose, on_poll=bars, on_stall=bars.warn)
     print_table(outcome_table(plan.job.name, outcomes))
     for outcome in outcomes.values():
         if outcome.chosen:

@@ -32,13 +32,19 @@ class StageBars:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
+    def warn(self, line: str) -> None:
+        """A line above the bars (the stall watchdog's)."""
+        self.progress.console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
+
     def __call__(self, outcomes: dict, live: dict) -> None:
         for name, outcome in outcomes.items():
             self.show(name, outcome, live.get(name, {}))
 
     def show(self, name: str, outcome, seen: dict) -> None:
         progress, bar = self.progress, self.bars[name]
-        if outcome.status == StageState.RUNNING and "search" in seen:
+        if outcome.status == StageState.RUNNING and seen.get("queued"):
+            progress.update(bar, info=f"queued, {seen['queued']}")
+        elif outcome.status == StageState.RUNNING and "search" in seen:
             trials, counts = self.plan.stages[name].spec.search.trials, seen["search"]
             ended = counts["done"] + counts["pruned"] + counts["failed"]
             info = f"trials {ended}/{trials}: {counts['running']} running, {counts['pruned']} pruned"

@@ -1,5 +1,6 @@
 """What a Ray cluster can hold, asked before anything waits on it: whether the cluster named by RAY_ADDRESS
-answers at all, and whether a stage's workers can ever fit on a cluster that cannot grow.
+answers at all, and whether a stage's workers can ever fit on a cluster that cannot grow; and, for workers that
+waited past their deadline, the line that says what they asked and what the cluster held.
 
 A Ray Train run waits for its placement group as long as it takes, which is right where the cluster can grow or
 other stages hold what it needs, and wrong where nothing will ever free or add enough: there it would wait without
@@ -19,6 +20,10 @@ ANSWER_SECONDS = 5.0  # how long the cluster named by RAY_ADDRESS has to accept 
 
 class WorkersCannotFit(Exception):
     """A stage's workers can never be placed on this cluster."""
+
+
+class WorkersNotPlaced(Exception):
+    """A stage's workers were not placed within their deadline."""
 
 
 def check_answers(address: str) -> None:
@@ -60,21 +65,41 @@ def fits(workers: WorkersSpec, nodes: list[dict[str, float]]) -> bool:
     return sum(on_each) >= count
 
 
+def asked(workers: WorkersSpec) -> str:
+    each = ", ".join(f"{amount:g} {name}" for name, amount in per_worker(workers).items())
+    return f"{workers.count} workers of {each} each ({workers.placement})"
+
+
+def held(totals: dict[str, float], nodes: int, free: dict[str, float] | None = None) -> str:
+    """What a cluster holds, in CPUs and GPUs (and how much of it is free)."""
+    parts = []
+    for name in ("CPU", "GPU"):
+        if totals.get(name) or name == "CPU":
+            part = f"{totals.get(name, 0.0):g} {name}"
+            parts.append(part if free is None else f"{part} ({free.get(name, 0.0):g} free)")
+    return f"{', '.join(parts)} on {nodes} node(s)"
+
+
 def check_fits(workers: WorkersSpec, nodes: list[dict[str, float]]) -> None:
     """Raise `WorkersCannotFit`, in one line naming what was asked and what the cluster has, if the workers can
     never be placed on these nodes."""
     if fits(workers, nodes):
         return
-    totals: dict[str, float] = {}
-    for node in nodes:
-        for name in ("CPU", "GPU"):
-            totals[name] = totals.get(name, 0.0) + node.get(name, 0.0)
-    held = ", ".join(f"{amount:g} {name}" for name, amount in totals.items() if amount or name == "CPU")
-    asked = ", ".join(f"{amount:g} {name}" for name, amount in per_worker(workers).items())
+    totals = {name: sum(node.get(name, 0.0) for node in nodes) for name in ("CPU", "GPU")}
     raise WorkersCannotFit(
-        f"workers: {workers.count} workers of {asked} each ({workers.placement}) can never fit on "
-        f"this Ray cluster, which holds {held} on {len(nodes)} node(s) and cannot grow; lower workers.count or "
-        "its resources, or join a larger cluster (RAY_ADDRESS)"
+        f"workers: {asked(workers)} can never fit on this Ray cluster, which holds {held(totals, len(nodes))} and "
+        "cannot grow; lower workers.count or its resources, or join a larger cluster (RAY_ADDRESS)"
+    )
+
+
+def not_placed(workers: WorkersSpec, seconds: float) -> WorkersNotPlaced:
+    """The one-line failure of workers that were not placed in time, with what the cluster holds now."""
+    import ray
+
+    holds = held(ray.cluster_resources(), len(cluster_nodes()), ray.available_resources())
+    return WorkersNotPlaced(
+        f"workers: {asked(workers)} were not placed within {seconds:g} s; the Ray cluster holds {holds}; raise "
+        "workers.start_timeout, ask for less, or free the cluster"
     )
 
 

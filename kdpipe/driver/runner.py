@@ -1,7 +1,7 @@
 """Running a planned job: for each stage, reuse, wait, resume or train, teachers before students.
 
-One admission rule for stages: a stage is launched as soon as its teachers are done, each from its own driver
-thread, and the launcher's cluster queues what does not fit (`kdpipe.driver.launch`). The decisions are here; the
+A stage is handed to the launcher as soon as its teachers are done, each on its own driver thread; the launcher
+starts it when the cluster has room (`kdpipe.driver.launcher`). The decisions are here; the
 record of runs (`kdpipe.driver.records`) and the launching are arguments, so the state machine is tested without
 Ray or MLflow.
 """
@@ -19,6 +19,8 @@ from kdpipe.data import PreparedData, prepare_data, steps_per_epoch
 from kdpipe.driver.records import StageRecords, Unfinished
 from kdpipe.driver.report import job_results
 from kdpipe.driver.state import StageState
+from kdpipe.driver.watchdog import Watchdog
+from kdpipe.errors import one_line
 from kdpipe.job.cache_policy import cache_settings
 from kdpipe.plan import Plan, PlannedStage
 from kdpipe.tracking import TrackingError
@@ -65,10 +67,16 @@ class Launcher(Protocol):
 
 
 Poll = Callable[[dict[str, StageOutcome], dict], None]
+Stall = Callable[[str], None]
 
 
 def run_job(
-    plan: Plan, *, force: tuple[str, ...] = (), verbose: bool = False, on_poll: Poll | None = None
+    plan: Plan,
+    *,
+    force: tuple[str, ...] = (),
+    verbose: bool = False,
+    on_poll: Poll | None = None,
+    on_stall: Stall | None = None,
 ) -> dict[str, StageOutcome]:
     """Run every stage that has not run with these exact inputs, on Ray; `force` retrains the named stages and
     everything downstream of them in new MLflow runs (the old runs and their artifacts stay). Ray starts only once
@@ -82,7 +90,7 @@ def run_job(
     launcher = RayLauncher(plan.job, tracker.uri, experiment, verbose)
     runner = JobRunner(plan, data, MlflowRecords(tracker, experiment), launcher)
     try:
-        return runner.run(force, on_poll)
+        return runner.run(force, on_poll, on_stall)
     finally:
         runner.release()
 
@@ -100,13 +108,16 @@ class JobRunner:
         }
         self.running: dict[Future, str] = {}
 
-    def run(self, force: tuple[str, ...] = (), on_poll: Poll | None = None) -> dict[str, StageOutcome]:
+    def run(
+        self, force: tuple[str, ...] = (), on_poll: Poll | None = None, on_stall: Stall | None = None
+    ) -> dict[str, StageOutcome]:
         forced = set().union(*(self.plan.downstream(n) for name in force for n in self.plan.named(name)))
         for name in self.plan.order:
             if name not in forced:
                 self.look_up(self.outcomes[name])
         # Stages that more stages wait on go first: a teacher before an independent baseline.
         launch_order = sorted(self.plan.order, key=lambda n: -len(self.plan.downstream(n)))
+        watchdog = Watchdog(self.job.stall_minutes)
         with ThreadPoolExecutor(max_workers=len(self.plan.order)) as pool:
             while not all(o.status.ended for o in self.outcomes.values()):
                 for name in launch_order:
@@ -122,8 +133,12 @@ class JobRunner:
                     self.finish(future)
                 with contextlib.suppress(TrackingError):  # an outage fails the stage itself; a missed beat is not fatal
                     self.records.renew([self.outcomes[name].run_id for name in self.running.values()])
+                reported = self.launcher.progress()
                 if on_poll:
-                    on_poll(self.outcomes, self.launcher.progress())
+                    on_poll(self.outcomes, reported)
+                stalled = watchdog.look({name: o.status for name, o in self.outcomes.items()}, reported)
+                if stalled and on_stall:
+                    on_stall(stalled)
         self.end_job()
         return self.outcomes
 
@@ -254,11 +269,3 @@ class JobRunner:
             for name in self.running.values():
                 self.records.release(self.outcomes[name].run_id)
         self.launcher.close()
-
-
-def one_line(err: BaseException) -> str:
-    """The innermost cause of a (possibly Ray-wrapped) failure, as one line."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[-1] if lines else ''}"

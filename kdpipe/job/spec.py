@@ -125,6 +125,13 @@ class WorkersSpec(Strict):
         description="Ray placement strategy of the workers: PACK fills a node first (fast collectives), SPREAD "
         "spreads them over nodes where it can, STRICT_* insist",
     )
+    start_timeout: float | None = Field(
+        None,
+        gt=0,
+        le=86_400,
+        description="seconds the workers may wait to be placed before the stage (or one trial) fails; default "
+        "300, or 1800 on a cluster joined by RAY_ADDRESS (it may be growing)",
+    )
 
 
 class Dimension(Strict):
@@ -277,6 +284,12 @@ class JobSpec(Strict):
         default_factory=CheckpointSpec, description="also saved at the end of every epoch"
     )
     stages: list[StageSpec] = Field(min_length=1, max_length=1000)
+    stall_minutes: float = Field(
+        30.0,
+        ge=0,
+        le=525_600,
+        description="say so (and what is pending) when no stage, step or trial moved for this long (0: never)",
+    )
 
     @model_validator(mode="after")
     def _distinct_seeds(self) -> JobSpec:

@@ -14,6 +14,11 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kdpipe.startup import collector_paused
+from kdpipe.tracking import TrackingError
+
+# MLflow bounds one request (MLFLOW_HTTP_REQUEST_TIMEOUT, 120 s) and retries it with backoff a few times: a call
+# to the actor that takes longer than this is not coming back.
+ACTOR_SECONDS = 900.0
 
 
 @ray.remote(num_cpus=0, max_concurrency=8)  # stages log side by side: one slow call holds up no other stage
@@ -45,11 +50,14 @@ def open_tracking_actor(job: str, uri: str) -> ray.actor.ActorHandle:
 
 
 def result(call: ray.ObjectRef):
-    """A call's result; its failure as the actor raised it (a one-line `TrackingError`), not Ray's wrapper."""
+    """A call's result; its failure as the actor raised it (a one-line `TrackingError`), not Ray's wrapper. An
+    actor that does not answer within MLflow's own bound on a request and its retries is an outage too."""
     try:
-        return ray.get(call)
+        return ray.get(call, timeout=ACTOR_SECONDS)
     except ray.exceptions.RayTaskError as err:
         raise err.cause from None
+    except ray.exceptions.GetTimeoutError:
+        raise TrackingError(f"the job's tracking actor did not answer within {ACTOR_SECONDS:.0f} s") from None
 
 
 class ActorTracker:

@@ -25,6 +25,7 @@ from kdpipe.driver.search.scheduler import ResumableASHA, TrialLog
 from kdpipe.driver.search.space import tune_space
 from kdpipe.driver.search.task import OBJECTIVE, SearchTask
 from kdpipe.driver.search.trial import run_trial
+from kdpipe.errors import one_line
 from kdpipe.job.spec import SearchSpec, WorkersSpec
 from kdpipe.tracking.store import Tracker
 
@@ -106,5 +107,5 @@ def run_search(search: SearchTask, name: str) -> dict[str, Any]:
                 failure_config=tune.FailureConfig(max_failures=search.checkpoint.max_restarts),
             ),
         )
-    tuner.fit()
-    return record_search(search, {trial.trial_id for trial in tune.ExperimentAnalysis(path).trials})
+    failures = [one_line(err) for err in tuner.fit().errors]
+    return record_search(search, {trial.trial_id for trial in tune.ExperimentAnalysis(path).trials}, failures)

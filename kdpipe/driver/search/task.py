@@ -19,6 +19,8 @@ class SearchTask:
     workers: WorkersSpec
     storage: str
     checkpoint: CheckpointSpec
+    deadline: float  # seconds each trial's workers may wait to be placed
+    train_settings: dict[str, str]  # the driver's Ray Train settings, for each trial's Ray Train run
 
     @property
     def spec(self) -> SearchSpec:

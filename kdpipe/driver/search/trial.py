@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -39,6 +40,7 @@ def run_trial(config: dict, search: SearchTask) -> None:
     same trial id: its MLflow run is found and continued (Train resumes from its checkpoints); one that had already
     finished only reports its result again."""
     task, spec = search.stage, search.spec
+    os.environ.update(search.train_settings)
     with collector_paused():  # a trial's process starts here: Ray Train's import, opening the MLflow store
         from kdpipe.driver.launch import launch_stage
 
@@ -64,9 +66,11 @@ def run_trial(config: dict, search: SearchTask) -> None:
     # A failure ends the run FAILED on the driver (`TrialLog`): here, a trial stopped by ASHA can fail as it goes.
     # Ray Train never restarts a trial's workers; Tune restarts the trial instead (`run_search`). ASHA stops a trial
     # by killing its actor, and when the trial's workers die before its Train controller does, a controller allowed
-    # to restart them asks for a new placement group and dies before handing it to Ray Train's cleaner: nothing
-    # removes it while the job lives, and every later trial waits for its CPUs forever.
-    launch_stage(trial_task, search.workers, search.storage, 0, [EpochResults(spec.metric, search.epochs)])
+    # to restart them would ask for a new placement group only to die with it (the driver's sweeper removes what
+    # such a controller leaves: `kdpipe.driver.orphans`).
+    launch_stage(
+        trial_task, search.workers, search.storage, 0, search.deadline, [EpochResults(spec.metric, search.epochs)]
+    )
     tracker.finish(run_id, "FINISHED")
     tune.report(with_objective(tracker.latest_metrics(run_id), spec.metric, search.epochs))
 
