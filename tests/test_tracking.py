@@ -3,6 +3,7 @@ URI alone, without the tracking store; and rank 0's metrics and tags, through th
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -68,3 +69,34 @@ def test_rank_0_logs_through_the_jobs_tracking_actor_and_its_failures_arrive_as_
         remote.set_tags("no-such-run", {"kdpipe.node.0": "node-a"})
     assert "\n" not in str(failure.value)  # the actor's own one-line error, not Ray's traceback around it
     ray_local.kill(actor)
+
+
+def test_experiments_open_as_model_training_and_stage_runs_are_described_with_their_data(tmp_path):
+    """What MLflow's UI shows (issue 35): the experiment marked as model training (new, or made before kdpipe marked
+    its experiments), a stage run's description, and its data as a dataset input."""
+    from mlflow.entities import ViewType
+
+    from kdpipe.driver.mlflow_records import data_ref
+    from kdpipe.job.spec import DataSpec
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    old = tracker.client.create_experiment("made-before")
+    for name in ("new", "made-before"):
+        experiment = tracker.client.get_experiment(tracker.experiment_id(name))
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracker.experiment_id("made-before") == old
+    assert len(tracker.client.search_experiments(view_type=ViewType.ALL)) == 3  # with MLflow's Default
+
+    config = {"model": "resnet8", "method": "kd", "epochs": 1}
+    run_id = tracker.start_stage_run(old, "", "quickstart", "student", "f" * 64, config, {"assistant": "r1"})
+    ref = data_ref(DataSpec(source="imagefolder", path=str(tmp_path / "images")), "0123456789abcdef")
+    tracker.log_dataset(run_id, ref)
+
+    run = tracker.get_run(run_id)
+    assert run.data.tags["mlflow.note.content"] == (
+        "resnet8 trained by kd from assistant: stage student of kdpipe job quickstart"
+    )
+    (given,) = run.inputs.dataset_inputs
+    assert (given.dataset.name, given.dataset.digest) == ("imagefolder:images", "0123456789ab")
+    assert json.loads(given.dataset.source) == {"uri": str(tmp_path / "images")}
+    assert [(tag.key, tag.value) for tag in given.tags] == [("mlflow.data.context", "train")]

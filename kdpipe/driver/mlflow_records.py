@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from mlflow.entities import Run
 
 from kdpipe.driver.records import Finished, Unfinished
+from kdpipe.job.spec import DataSpec
 from kdpipe.tracking import lease
 from kdpipe.tracking.lease import Lease, lease_seconds, run_is_live
-from kdpipe.tracking.store import Tracker
+from kdpipe.tracking.store import DataRef, Tracker
 from kdpipe.tracking.tags import TAG_VALUES
 from kdpipe.worker import artifacts
 
@@ -21,8 +23,8 @@ from kdpipe.worker import artifacts
 class MlflowRecords:
     """`StageRecords` in an MLflow experiment."""
 
-    def __init__(self, tracker: Tracker, experiment_id: str):
-        self.tracker, self.experiment_id, self.uri = tracker, experiment_id, tracker.uri
+    def __init__(self, tracker: Tracker, experiment_id: str, data: DataRef):
+        self.tracker, self.experiment_id, self.uri, self.data = tracker, experiment_id, tracker.uri, data
         self.job = self.parent = ""
         self.renewed = time.monotonic()
 
@@ -57,6 +59,7 @@ class MlflowRecords:
         )
         first = lease.first_live_run(tracker, self.experiment_id, fingerprint)
         if first is None or first.info.run_id == run_id:
+            tracker.log_dataset(run_id, self.data)
             return run_id
         tracker.discard(run_id)
         return Unfinished(first.info.run_id, holder_of(first), False)
@@ -97,3 +100,11 @@ class MlflowRecords:
 def holder_of(run: Run) -> str:
     """The living driver that trains a run, in words; "" when none does."""
     return Lease.of(run).describe() if run_is_live(run) else ""
+
+
+def data_ref(spec: DataSpec, identity: str) -> DataRef:
+    """The job's data as an MLflow dataset: named by its source and folder, digested by its content's identity."""
+    where = spec.path or spec.source
+    if "://" not in where and spec.path:
+        where = str(Path(where).resolve())
+    return DataRef(f"{spec.source}:{Path(where).name or where}", identity[:12], where)

@@ -82,13 +82,14 @@ def run_job(
     everything downstream of them in new MLflow runs (the old runs and their artifacts stay). Ray starts only once
     a stage has to train."""
     from kdpipe.driver.launcher import RayLauncher
-    from kdpipe.driver.mlflow_records import MlflowRecords
+    from kdpipe.driver.mlflow_records import MlflowRecords, data_ref
     from kdpipe.tracking.store import Tracker
 
     data, tracker = prepare_data(plan.job.data), Tracker(plan.job.tracking.uri)
     experiment = tracker.experiment_id(plan.job.tracking.experiment)
     launcher = RayLauncher(plan.job, tracker.uri, experiment, verbose)
-    runner = JobRunner(plan, data, MlflowRecords(tracker, experiment), launcher)
+    records = MlflowRecords(tracker, experiment, data_ref(plan.job.data, data.identity))
+    runner = JobRunner(plan, data, records, launcher)
     try:
         return runner.run(force, on_poll, on_stall)
     finally:

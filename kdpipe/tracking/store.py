@@ -13,16 +13,19 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 
 from kdpipe.errors import UserError
 from kdpipe.tracking import TrackingError
 from kdpipe.tracking.files import RunArtifacts
 from kdpipe.tracking.tags import (
+    EXPERIMENT_KIND,
+    MODEL_TRAINING,
     TAG_FINGERPRINT,
     TAG_JOB,
     TAG_KIND,
@@ -55,6 +58,15 @@ def store_creation_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@dataclass(frozen=True)
+class DataRef:
+    """A job's data, as MLflow records a dataset: its name, a digest of its content, and where it is read from."""
+
+    name: str
+    digest: str
+    source: str
+
+
 class Tracker:
     def __init__(self, uri: str):
         self.uri = resolve_uri(uri)
@@ -62,15 +74,20 @@ class Tracker:
             self.client = Guarded(MlflowClient(self.uri), self.uri)
 
     def experiment_id(self, name: str) -> str:
-        """Get or create the experiment; a sqlite store keeps artifacts beside its database file."""
+        """Get or create the experiment, marked as model training; a sqlite store keeps artifacts beside its
+        database file."""
         try:
             found = self.client.get_experiment_by_name(name)
             if found is not None:
+                if found.tags.get(EXPERIMENT_KIND) is None:  # made before kdpipe marked its experiments
+                    self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
                 return found.experiment_id
             location = None
             if self.uri.startswith("sqlite:///"):
                 location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING}
+            )
         except TrackingError as err:
             raise UserError(f"tracking.uri: cannot use the MLflow store: {err}") from None
 
@@ -96,9 +113,12 @@ class Tracker:
         lease: dict[str, str] | None = None,
     ) -> str:
         """A stage run, created held (`lease`: `kdpipe.tracking.lease.held()`) so that no other driver trains it
-        while this one lives."""
+        while this one lives, and described (MLflow's run description) by its method, model and teachers."""
+        teachers = ", ".join(teacher_runs) or "the labels alone"
         tags = {f"{TAG_TEACHER}.{name}": run for name, run in teacher_runs.items()}
         tags |= {
+            MLFLOW_RUN_NOTE: f"{config['model']} trained by {config['method']} from {teachers}: stage {stage} of "
+            f"kdpipe job {job}",
             TAG_KIND: "stage",
             TAG_JOB: job,
             TAG_STAGE: stage,
@@ -131,6 +151,12 @@ class Tracker:
         params = [Param(key, str(value)) for key, value in flatten(config).items()]
         self.client.log_batch(run.info.run_id, params=params)
         return run
+
+    def log_dataset(self, run_id: str, data: DataRef) -> None:
+        """The data a run trains on, as its MLflow dataset input (the UI's Dataset column and lineage)."""
+        source_type = data.source.split("://", 1)[0] if "://" in data.source else "local"
+        dataset = Dataset(data.name, data.digest, source_type, json.dumps({"uri": data.source}))
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
 
     def trial_runs(self, experiment_id: str, stage_run: str, trial: str | None = None) -> list[Run]:
         """A searched stage's trial runs (of one Tune trial id, if given), oldest first."""

@@ -12,3 +12,5 @@ TAG_TRIAL, TAG_VALUES, TAG_PRUNED = "kdpipe.trial", "kdpipe.trial.values", "kdpi
 TAG_BEST_TRIAL = "kdpipe.search.best_trial"  # on the stage run: the trial whose weights are the stage's result
 TAG_HOLDER, TAG_HEARTBEAT = "kdpipe.lease.holder", "kdpipe.lease.heartbeat"  # the driver training a run, and when
 # it last said so (seconds since the epoch); see `kdpipe.tracking.lease`.
+# On kdpipe's experiments: what MLflow's UI needs to open on the runs table (model training), not its GenAI view.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
