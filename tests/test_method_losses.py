@@ -177,6 +177,50 @@ def test_information_flow_layer_loss_matches_worked_example_and_formula():
     assert flow_loss(t64(t), t64(s)).item() == pytest.approx(expected, rel=1e-6)
 
 
+def jeffreys_flow(t: np.ndarray, s: np.ndarray) -> float:
+    """The paper's layer loss, written pairwise: both kernels row-normalised, Jeffreys divergence, mean."""
+
+    def kernels(x):
+        unit = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-6)
+        cosine = (1 + unit @ unit.T) / 2
+        distance = np.sqrt(np.array([[((a - b) ** 2).sum() for b in x] for a in x]) + 1e-6)
+        inverse = 1 / (1 + distance)
+        return [k / k.sum(1, keepdims=True) for k in (cosine, inverse)]
+
+    return sum(((pt - ps) * (np.log(pt) - np.log(ps))).mean() for pt, ps in zip(kernels(t), kernels(s), strict=True))
+
+
+@pytest.mark.parametrize("pool", [None, 2])
+def test_information_flow_loss_on_the_official_taps_is_the_papers(pool):
+    """Issue 34, point 7: stage B's flow loss over a CIFAR student's and proxy's stage maps (16 x 16 and 8 x 8 at
+    32 pixels) and pooled vectors, taken here by torchvision's feature extractor, flattened whole as the official
+    code does (or average-pooled to `pool_maps` x `pool_maps` first), at epoch 0's weights (100 for each
+    intermediate pair, 1 for the deepest)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from kdpipe.models import build_model
+
+    torch.manual_seed(0)
+    student, proxy = build_model("resnet8", 10).double().eval(), build_model("resnet14", 10).double().eval()
+    params = InfoFlowParams(ce_weight=0, pool_maps=pool)
+    method = InfoFlow(student, [proxy], params, model="resnet8", num_classes=10, image_size=32).eval()
+    images, labels = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,))
+    nodes = ["layer1", "layer2", "layer3", "flatten"]
+    assert method.pairs == list(zip(nodes, nodes, strict=True))
+
+    with torch.no_grad():
+        _, losses = method.forward_train(images, labels)
+        taps = [create_feature_extractor(net, nodes)(images) for net in (student, proxy)]
+    expected = 0.0
+    for node, weight in zip(nodes, [100.0, 100.0, 100.0, 1.0], strict=True):
+        s, t = (tap[node] for tap in taps)
+        if pool is not None and s.dim() == 4 and s.shape[-1] > pool:
+            s, t = (torch.nn.functional.adaptive_avg_pool2d(x, pool) for x in (s, t))
+        expected += weight * jeffreys_flow(t.flatten(1).numpy(), s.flatten(1).numpy())
+    assert taps[0]["layer1"].shape[-1] == 32 and taps[0]["layer3"].shape[-1] == 8  # maps larger than 4 x 4
+    assert losses["flow"].item() == pytest.approx(expected, rel=1e-9)
+
+
 def test_critical_period_schedule_is_the_papers():
     method = InfoFlow.__new__(InfoFlow)  # the schedule needs only the params and the number of pairs
     method.params, method.pairs = InfoFlowParams(), [("a", "a"), ("b", "b"), ("c", "c"), ("d", "d")]

@@ -20,10 +20,17 @@ Critical-period schedule (the paper's critical-period-aware weighting, with the 
 network's connectivity forms (e <= 12), and from e = 26 on (weight < 0.01) the last layer drives. The weights are
 logged per epoch and plotted.
 
+Taps, as the official code takes them: stage B's proxy and student maps are flattened whole, unpooled
+(`models/cifar_tiny.py` and `models/cifar_very_tiny.py`, `get_features`: `# out_t = F.avg_pool2d(out, 2)` is
+commented out and `out_t = out.view(out.size(0), -1)` kept, for layers 0, 1 and 2), paired from the deepest
+(`cifar10/exp2_proposed.py`: `student_layers, teacher_layers = (3, 2, 1, 0), (3, 2, 1, 0)`, weights
+`(1, cur_weight, cur_weight, cur_weight)`). The one pooling `get_features` in that code is the ResNet-18 teacher's
+(`models/resnet.py`: `F.avg_pool2d(out, 8)` and `(out, 4)`), which stage A reads only at layer 3, the pooled
+penultimate vector. kdpipe taps each model's stage outputs and pooled penultimate vector. `pool_maps: N` pools
+each map larger than N x N to N x N first, a kdpipe option and not the paper's: the B x B kernels of large maps
+(224-pixel images) then cost B x C x N^2 instead of B x C x H x W.
+
 Choices where the reference leaves room ('confirm'):
-- Taps: each model's stage outputs and pooled penultimate vector, paired from the deepest; maps larger than 4 x 4
-  are average-pooled to 4 x 4 before flattening, as the official code pools the ResNet-18 teacher's maps (by 4 or 8)
-  to keep the B x B kernels cheap.
 - A label term `ce_weight * CE` (default 1): the official code evaluates retrieval on features and has none, but a
   kdpipe stage is a classifier scored by top-1, so something must train the classification layer. Set 0 for the
   code's exact loss.
@@ -39,7 +46,6 @@ from kdpipe.methods.base import Epochs, Method, Params, PositiveWeight, Weight
 from kdpipe.models.features import POOLED, pair_deepest, stage_nodes
 
 KERNEL_EPS = 1e-6
-MAX_MAP = 4  # maps are pooled to at most this size before their B x B kernels are built
 
 
 def flow_probabilities(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,9 +67,10 @@ def flow_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     )
 
 
-def flattened(feature: torch.Tensor) -> torch.Tensor:
-    if feature.dim() == 4 and feature.shape[-1] > MAX_MAP:
-        feature = F.adaptive_avg_pool2d(feature, MAX_MAP)
+def flattened(feature: torch.Tensor, pool: int | None) -> torch.Tensor:
+    """A tap as B x D; a map larger than `pool` x `pool` is average-pooled to that size first."""
+    if pool is not None and feature.dim() == 4 and max(feature.shape[-2:]) > pool:
+        feature = F.adaptive_avg_pool2d(feature, pool)
     return feature.flatten(1)
 
 
@@ -101,10 +108,14 @@ class InfoFlowParams(Params):
     ce_weight: Weight = 1.0
     student_nodes: list[str] | None = Field(None, description="student taps (default: stage outputs and pooled vector)")
     teacher_nodes: list[str] | None = Field(None, description="proxy taps, paired with the student's from the deepest")
+    pool_maps: int | None = Field(
+        None, ge=1, le=64, description="pool maps to at most N x N before their kernels (unset: unpooled, the paper's)"
+    )
 
 
 class InfoFlow(Method):
     name = "infoflow"
+    version = 2  # maps unpooled by default, as the official code takes them (version 1 pooled them to 4 x 4)
     paper = "Passalis et al., CVPR 2020, arXiv 2005.00727 (stage B: the student)"
     Params = InfoFlowParams
     min_teachers = max_teachers = 1
@@ -130,8 +141,9 @@ class InfoFlow(Method):
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
         logits, student = self.features("student", images)
         _, teacher = self.features("teacher", images)
+        pool = self.params.pool_maps
         flow = sum(
-            w * flow_loss(flattened(teacher[t]), flattened(student[s]))
+            w * flow_loss(flattened(teacher[t], pool), flattened(student[s], pool))
             for (s, t), w in zip(self.pairs, self.layer_weights(), strict=True)
         )
         return logits, {"ce": self.params.ce_weight * F.cross_entropy(logits, labels), "flow": flow}
