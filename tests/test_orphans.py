@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from kdpipe.driver.launch import START_TIMEOUT_ENV
-from kdpipe.driver.orphans import SWEEP_SECONDS
+from kdpipe.driver.orphans import SWEEP_SECONDS, group_records
 from kdpipe.driver.runner import run_job
 from kdpipe.driver.state import StageState
 from kdpipe.plan import load_plan
@@ -48,15 +48,6 @@ def search_job(root: Path, name: str, stage: dict = SEARCH) -> Path:
     return write_job(root / f"{name}.yaml", job)
 
 
-def group_table() -> list:
-    """Every placement group Ray knows, with the actor that made it (Ray's own record, as the sweeper reads it)."""
-    import ray._private.state
-    from ray.core.generated import gcs_pb2
-
-    accessor = ray._private.state.state._connect_and_get_accessor()
-    return [gcs_pb2.PlacementGroupTableData.FromString(raw) for raw in accessor.get_placement_group_table()]
-
-
 def controller_pid(actor_id: str) -> int | None:
     from ray.util.state import list_actors
 
@@ -69,7 +60,7 @@ def pending_controller_group(deadline: float) -> tuple[bytes, int]:
     import ray
 
     while time.monotonic() < deadline:
-        for group in group_table():
+        for group in group_records():
             maker = ray.ActorID(group.creator_actor_id)
             if not maker.is_nil() and not group.creator_actor_dead and group.state == group.PENDING:
                 pid = controller_pid(maker.hex())
@@ -79,8 +70,13 @@ def pending_controller_group(deadline: float) -> tuple[bytes, int]:
     raise AssertionError("no Ray Train controller waited for a placement group")
 
 
-def state_of(group_id: bytes) -> int:
-    return next(group.state for group in group_table() if group.placement_group_id == group_id)
+def removed(group_id: bytes) -> bool:
+    """Whether Ray's public placement group table says the group is removed."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    table = placement_group_table(PlacementGroup(ray.PlacementGroupID(group_id)))
+    return table.get("state", "REMOVED") == "REMOVED"  # a group Ray no longer lists is gone too
 
 
 def wait_for_no_live_groups(seconds: float = 30) -> None:
@@ -107,7 +103,7 @@ def test_a_controller_killed_while_its_group_waits_leaves_nothing_and_the_search
         group, pid = pending_controller_group(time.monotonic() + 120)
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
-        while state_of(group) != group_table()[0].REMOVED:
+        while not removed(group):
             assert time.monotonic() - killed < 5 * SWEEP_SECONDS + 10, "the orphaned group outlived its bound"
             time.sleep(0.2)
     finally:

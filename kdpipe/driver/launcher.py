@@ -69,10 +69,11 @@ class RayLauncher:
         from kdpipe.driver.search.run import run_search, trials_at_once  # Ray Tune: only for a search
         from kdpipe.driver.search.task import SearchTask
 
+        at_once = trials_at_once(stage.spec.search, workers)
         search = SearchTask(
-            task, self.experiment_id, workers, self.storage, self.job.checkpoint, deadline, train_settings()
+            task, self.experiment_id, workers, self.storage, self.job.checkpoint, deadline, train_settings(), at_once
         )
-        with self.turn(stage.spec.name, workers, trials_at_once(stage.spec.search, workers)):
+        with self.turn(stage.spec.name, workers, at_once):
             return run_search(search, ray_run_name(self.job.name, stage.spec.name, task.run_id))
 
     @contextlib.contextmanager

@@ -23,43 +23,44 @@ import threading
 SWEEP_SECONDS = 2.0  # how long an orphaned group can hold its resources
 
 
-def orphaned_groups(job_id: str) -> list[str]:
-    """The ids of the live placement groups job `job_id`'s actors made and outlived."""
-    import ray
+def group_records() -> list:
+    """Ray's record of every placement group (`PlacementGroupTableData`), with the actor that made it."""
     import ray._private.state
     from ray.core.generated import gcs_pb2
 
-    table = gcs_pb2.PlacementGroupTableData
-    found = []
-    for raw in ray._private.state.state._connect_and_get_accessor().get_placement_group_table():
-        group = table.FromString(raw)
-        if (
-            group.creator_job_id.hex() == job_id
-            and group.creator_actor_dead
-            and not ray.ActorID(group.creator_actor_id).is_nil()  # made by an actor, not by the driver
-            and not group.is_detached
-            and group.state != table.REMOVED
-        ):
-            found.append(group.placement_group_id.hex())
-    return found
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    return [gcs_pb2.PlacementGroupTableData.FromString(raw) for raw in accessor.get_placement_group_table()]
 
 
-def remove_orphans() -> int:
-    """Remove this driver's job's orphaned placement groups; returns how many."""
+def orphaned_groups(job_id: str) -> list[bytes]:
+    """The ids of the live placement groups job `job_id`'s actors made and outlived."""
+    import ray
+
+    return [
+        group.placement_group_id
+        for group in group_records()
+        if group.creator_job_id.hex() == job_id
+        and group.creator_actor_dead
+        and not ray.ActorID(group.creator_actor_id).is_nil()  # made by an actor, not by the driver
+        and not group.is_detached
+        and group.state != group.REMOVED
+    ]
+
+
+def remove_orphans() -> None:
+    """Remove this driver's job's orphaned placement groups."""
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    orphans = orphaned_groups(ray.get_runtime_context().get_job_id())
-    for group in orphans:
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group))))
-    return len(orphans)
+    for group in orphaned_groups(ray.get_runtime_context().get_job_id()):
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(group)))
 
 
 class OrphanSweeper:
-    """A driver thread that removes the job's orphaned placement groups every few seconds; `removed` counts them."""
+    """A driver thread that removes the job's orphaned placement groups every few seconds."""
 
     def __init__(self, every: float = SWEEP_SECONDS):
-        self.every, self.removed = every, 0
+        self.every = every
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.sweep, name="kdpipe-orphan-sweeper", daemon=True)
         self.thread.start()
@@ -68,7 +69,7 @@ class OrphanSweeper:
         while not self.stopped.wait(self.every):
             # A sweep that fails (the GCS busy or restarting) is the next one's to do.
             with contextlib.suppress(Exception):
-                self.removed += remove_orphans()
+                remove_orphans()
 
     def stop(self) -> None:
         self.stopped.set()

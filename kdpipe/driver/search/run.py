@@ -96,7 +96,7 @@ def run_search(search: SearchTask, name: str) -> dict[str, Any]:
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=spec.trials,
-                max_concurrent_trials=trials_at_once(spec, search.workers),
+                max_concurrent_trials=search.at_once,
             ),
             run_config=tune.RunConfig(
                 name=name,

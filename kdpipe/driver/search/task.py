@@ -21,6 +21,7 @@ class SearchTask:
     checkpoint: CheckpointSpec
     deadline: float  # seconds each trial's workers may wait to be placed
     train_settings: dict[str, str]  # the driver's Ray Train settings, for each trial's Ray Train run
+    at_once: int  # trials running at once (`kdpipe.driver.search.run.trials_at_once`)
 
     @property
     def spec(self) -> SearchSpec:
