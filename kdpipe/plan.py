@@ -7,7 +7,7 @@ It sits above `kdpipe.job` (which knows no torch) because a method's params are 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from kdpipe.job.load import load_job
 from kdpipe.job.spec import JobSpec, StageSpec, TeacherCacheMode
 from kdpipe.methods import METHODS, get_method, parse_params
 from kdpipe.models import is_known_model
+from kdpipe.models.sources import STATE_SUFFIXES, torchvision_weights
 
 
 @dataclass(frozen=True)
@@ -43,15 +44,18 @@ class PlannedStage:
         resolved["params"] = self.params.model_dump()
         return resolved
 
-    def identity(self, job: JobSpec) -> dict:
+    def identity(self, job: JobSpec, digest: str = "") -> dict:
         """What this stage learns from, apart from its teachers and the data's content: its resolved config as
-        the job file has it, its seed, the data settings that decide which samples it sees and how, its method's
-        version. Where and on what its workers run (placement, CPUs, GPUs) changes nothing it learns; their count
-        sets the global batch and stays. How many repeats there are is not what one repeat learns from: seed 0 of
-        `seeds: [0, 1, 2]` is the run of a single-seed job with seed 0."""
+        the job file has it (imported weights as their content's `digest`, never their path or URI), its seed, the
+        data settings that decide which samples it sees and how, its method's version. Where and on what its
+        workers run (placement, CPUs, GPUs) changes nothing it learns; their count sets the global batch and stays.
+        How many repeats there are is not what one repeat learns from: seed 0 of `seeds: [0, 1, 2]` is the run of
+        a single-seed job with seed 0."""
         resolved = self.resolved(self.source or self.spec)
         resolved.pop("seeds")
         resolved.pop("teacher_cache")
+        if resolved.pop("init") is not None:  # absent, not None, without one: older stages keep their fingerprint
+            resolved["init"] = digest
         cache = cache_policy.fingerprint_part(self.teacher_cache(job))
         if cache is not None:
             resolved["teacher_cache"] = cache
@@ -76,19 +80,34 @@ class Plan:
     stages: dict[str, PlannedStage]
     settings: tuple[str, ...] = ()  # the `--set PATH=VALUE`s applied to the job file, as given
 
-    def fingerprints(self, data_id: str) -> dict[str, str]:
+    def fingerprints(self, data_id: str, digests: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Each stage's fingerprint; `digests` holds each imported source's content digest, by its `init.weights`.
+        A stage whose source has no digest (not fetched yet) has none, nor have the stages that learn from it."""
         prints: dict[str, str] = {}
+        digests = digests or {}
         for name in self.order:
             stage = self.stages[name]
+            init = stage.spec.init
+            if (init and init.weights not in digests) or not all(t in prints for t in stage.spec.teachers):
+                continue
             upstream = [prints[t] for t in stage.spec.teachers]
-            prints[name] = dag.fingerprint(stage.identity(self.job), upstream, data_id)
+            identity = stage.identity(self.job, digests[init.weights] if init else "")
+            prints[name] = dag.fingerprint(identity, upstream, data_id)
         return prints
 
-    def current_fingerprints(self) -> dict[str, str]:
+    def current_fingerprints(self, digests: Mapping[str, str]) -> dict[str, str]:
         """The fingerprints as the data stands, for looking up what a run would reuse; none while synthetic data
         has not been generated (so nothing can have trained on it)."""
         identity = data_identity(self.job.data)
-        return self.fingerprints(identity) if identity else {}
+        return self.fingerprints(identity, digests) if identity else {}
+
+    def imports(self) -> dict[str, str]:
+        """Each imported weights source (`init.weights`), with the first field path that names it."""
+        found: dict[str, str] = {}
+        for i, stage in enumerate(self.job.stages):
+            if stage.init is not None:
+                found.setdefault(stage.init.weights, f"stages[{i}].init.weights")
+        return found
 
     def named(self, name: str) -> list[str]:
         """The planned stages a name stands for: a stage, or every repeat of a job-file stage."""
@@ -165,6 +184,8 @@ def plan_stage(stage: StageSpec, where: str) -> PlannedStage:
     problem = method.check(params, count)
     if problem:
         raise UserError(f"{where}.params.{problem}")
+    if stage.init is not None and stage.init.kind == "torchvision":
+        torchvision_weights(stage.init.ref, f"{where}.init.weights")
     return PlannedStage(stage, params, method.version)
 
 
@@ -212,12 +233,23 @@ def check_search(stage: PlannedStage, where: str) -> None:
                 )
 
 
+def check_import_files(plan: Plan) -> None:
+    """Every imported weights file (`init: file:`) is there."""
+    for weights, where in plan.imports().items():
+        kind, _, ref = weights.partition(":")
+        if kind == "file" and not Path(ref).is_file():
+            raise UserError(f"{where}: no such file '{ref}'; expected a {', '.join(STATE_SUFFIXES)} weights file")
+
+
 def load_plan(path: str | Path, check_paths: bool = True, settings: Sequence[str] = ()) -> Plan:
     """Load, validate and plan a job file with its `--set` settings; every problem is a one-line `UserError`
     naming the file (or the setting). `check_paths=False` leaves data paths to the machine that will read them."""
     job = load_job(path, check_paths, settings)
     try:
-        return dataclasses.replace(plan_job(job), settings=tuple(settings))
+        plan = dataclasses.replace(plan_job(job), settings=tuple(settings))
+        if check_paths:
+            check_import_files(plan)
+        return plan
     except UserError as err:
         source = f"{path} with --set {' --set '.join(settings)}" if settings else path
         raise UserError(f"{source}: {err}") from None

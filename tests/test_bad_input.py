@@ -40,7 +40,7 @@ CASES = {
     ),
     "negative epochs": (
         edit(lambda j: j["stages"][1].update(epochs=-3)),
-        ["stages[1].epochs", "greater than or equal to 1"],
+        ["stages[1].epochs", "greater than or equal to 0"],
     ),
     "zero workers": (edit(lambda j: j["stages"][0].update(workers={"count": 0})), ["stages[0].workers.count"]),
     "empty stages": (edit(lambda j: j.update(stages=[])), ["stages", "at least 1"]),

@@ -61,7 +61,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdpipe.cli.progress import StageBars
 
     with StageBars(plan) as bars:
-        outcomes = run_job(plan, force=tuple(args.force), verbose=args.verbose, on_poll=bars, on_stall=bars.warn)
+        outcomes = run_job(
+            plan, force=tuple(args.force), verbose=args.verbose, on_poll=bars, on_stall=bars.warn, on_note=bars.warn
+        )
     print_table(outcome_table(plan.job.name, outcomes))
     for outcome in outcomes.values():
         if outcome.chosen:

@@ -33,7 +33,7 @@ class StageBars:
         self.progress.__exit__(*exc)
 
     def warn(self, line: str) -> None:
-        """A line above the bars (the stall watchdog's)."""
+        """A line above the bars: the stall watchdog's, or an imported head that starts fresh."""
         self.progress.console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
 
     def __call__(self, outcomes: dict, live: dict) -> None:

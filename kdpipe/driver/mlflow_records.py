@@ -73,6 +73,11 @@ class MlflowRecords:
     def artifact_uri(self, run_id: str) -> str:
         return self.tracker.artifact_uri(run_id)
 
+    def store_init(self, run_id: str, weights: Path) -> None:
+        files = self.tracker.artifacts(run_id)
+        if not files.holds(artifacts.INIT_WEIGHTS):
+            files.log_files([weights], artifacts.INIT)
+
     def mark_reused(self, stage: str, run_id: str) -> None:
         self.tracker.set_tags(self.parent, {f"kdpipe.reused.{stage}": run_id})
 

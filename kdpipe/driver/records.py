@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 
@@ -52,6 +53,9 @@ class StageRecords(Protocol):
         """Hold an unfinished run to resume it; False when another driver took it at the same moment."""
 
     def artifact_uri(self, run_id: str) -> str: ...
+
+    def store_init(self, run_id: str, weights: Path) -> None:
+        """Put a stage's starting weights in its run, unless they are there already (a resumed run)."""
 
     def mark_reused(self, stage: str, run_id: str) -> None: ...
 

@@ -9,13 +9,16 @@ Ray or MLflow.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from kdpipe.data import PreparedData, prepare_data, steps_per_epoch
+from kdpipe.driver.imports import InitFile
 from kdpipe.driver.records import StageRecords, Unfinished
 from kdpipe.driver.report import job_results
 from kdpipe.driver.state import StageState
@@ -24,7 +27,7 @@ from kdpipe.errors import one_line
 from kdpipe.job.cache_policy import cache_settings
 from kdpipe.plan import Plan, PlannedStage
 from kdpipe.tracking import TrackingError
-from kdpipe.worker.task import StageTask, TeacherRef
+from kdpipe.worker.task import InitRef, StageTask, TeacherRef
 
 POLL_SECONDS = 2.0  # how often the driver looks at stages and progress: every poll takes CPU from training
 
@@ -77,31 +80,52 @@ def run_job(
     verbose: bool = False,
     on_poll: Poll | None = None,
     on_stall: Stall | None = None,
+    on_note: Stall | None = None,
 ) -> dict[str, StageOutcome]:
     """Run every stage that has not run with these exact inputs, on Ray; `force` retrains the named stages and
-    everything downstream of them in new MLflow runs (the old runs and their artifacts stay). Ray starts only once
-    a stage has to train."""
+    everything downstream of them in new MLflow runs (the old runs and their artifacts stay). Imported weights are
+    fetched and fitted first (`on_note` hears of a head that starts fresh). Ray starts only once a stage has to
+    train."""
+    from kdpipe.driver.imports import fit_imports, import_digests
     from kdpipe.driver.launcher import RayLauncher
     from kdpipe.driver.mlflow_records import MlflowRecords, data_ref
     from kdpipe.tracking.store import Tracker
 
     data, tracker = prepare_data(plan.job.data), Tracker(plan.job.tracking.uri)
-    experiment = tracker.experiment_id(plan.job.tracking.experiment)
-    launcher = RayLauncher(plan.job, tracker.uri, experiment, verbose)
-    records = MlflowRecords(tracker, experiment, data_ref(plan.job.data, data.identity))
-    runner = JobRunner(plan, data, records, launcher)
-    try:
-        return runner.run(force, on_poll, on_stall)
-    finally:
-        runner.release()
+    with tempfile.TemporaryDirectory(prefix="kdpipe-init-") as folder:
+        inits, notes = {}, {}
+        for name, init, note in fit_imports(plan, data.num_classes, Path(folder)):
+            inits[name], notes[note] = init, None
+        for note in filter(None, notes):
+            if on_note:
+                on_note(note)
+        experiment = tracker.experiment_id(plan.job.tracking.experiment)
+        launcher = RayLauncher(plan.job, tracker.uri, experiment, verbose)
+        records = MlflowRecords(tracker, experiment, data_ref(plan.job.data, data.identity))
+        runner = JobRunner(plan, data, records, launcher, import_digests(plan), inits)
+        try:
+            return runner.run(force, on_poll, on_stall)
+        finally:
+            runner.release()
 
 
 class JobRunner:
     """One `kdpipe run` of a job: which stages to reuse, resume, wait for or train, and when to launch them."""
 
-    def __init__(self, plan: Plan, data: PreparedData, records: StageRecords, launcher: Launcher):
+    def __init__(
+        self,
+        plan: Plan,
+        data: PreparedData,
+        records: StageRecords,
+        launcher: Launcher,
+        digests: Mapping[str, str] | None = None,
+        inits: Mapping[str, InitFile] | None = None,
+    ):
+        """`digests`: each imported source's content digest; `inits`: each importing stage's fitted weights
+        (`kdpipe.driver.imports`)."""
         self.plan, self.job, self.data, self.records, self.launcher = plan, plan.job, data, records, launcher
-        self.prints = plan.fingerprints(data.identity)
+        self.inits = inits or {}
+        self.prints = plan.fingerprints(data.identity, digests)
         records.start_job(self.job.name, self.job.model_dump(), plan.settings)
         self.outcomes = {
             name: StageOutcome(name, spec.method, spec.teachers, fingerprint=self.prints[name])
@@ -213,6 +237,9 @@ class JobRunner:
                 return
             teachers = tuple(TeacherRef(t, run, records.artifact_uri(run)) for t, run in teacher_runs.items())
             artifact_uri = records.artifact_uri(outcome.run_id)
+            init = self.inits.get(outcome.name)
+            if init is not None:
+                records.store_init(outcome.run_id, init.path)
         except TrackingError as err:
             outcome.status, outcome.error = StageState.FAILED, str(err)
             return
@@ -230,6 +257,7 @@ class JobRunner:
             seed=stage.seed,
             checkpoint=job.checkpoint,
             cache=cache_settings(stage.teacher_cache(job), job.workdir),
+            init=InitRef(artifact_uri, init.fresh) if init else None,
         )
         outcome.status, outcome.seconds = StageState.RUNNING, time.perf_counter()
         self.running[pool.submit(self.launcher.launch, task, stage)] = outcome.name

@@ -7,6 +7,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+from kdpipe.driver.imports import import_digests
 from kdpipe.driver.state import StageState
 from kdpipe.plan import Plan
 from kdpipe.tracking.lease import run_is_live
@@ -30,13 +31,13 @@ class StageStatus:
 
 
 def job_status(plan: Plan, tracker: Tracker, experiment_id: str) -> list[StageStatus]:
-    prints = plan.current_fingerprints()
+    prints = plan.current_fingerprints(import_digests(plan, fetch=False))
     job_run = tracker.latest_job_run(experiment_id, plan.job.name)
     tags = job_run.data.tags if job_run else {}
     rows = []
     for name in plan.order:
         spec = plan.stages[name].spec
-        run = tracker.latest_stage_run(experiment_id, prints[name]) if prints else None
+        run = tracker.latest_stage_run(experiment_id, prints[name]) if name in prints else None
         if run is None:
             older = tracker.latest_finished_stage_run(experiment_id, plan.job.name, name)
             # trained before, but something it learns from has changed since (or kdpipe's fingerprint rule has)
@@ -72,7 +73,7 @@ def row_of(tracker: Tracker, name: str, method: str, state: StageState, run, epo
         method,
         state,
         run.info.run_id,
-        f"{len({step for step, _ in history})}/{epochs}",  # an epoch redone after a restart counts once
+        f"{len({step for step, _ in history})}/{epochs}" if epochs else "import",  # a redone epoch counts once
         int(checkpoint.split("-")[-1]),
         max((value for _, value in history), default=None),
         (ended - run.info.start_time) / 1000,

@@ -6,6 +6,7 @@ non-finite floats and out-of-range numbers are validation errors (`kdpipe.job.lo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -203,15 +204,54 @@ def distinct(seeds: list[int] | None, field: str) -> None:
         raise ValueError(f"{field}: each seed once")
 
 
+WEIGHT_SOURCES = ("torchvision", "file", "mlflow")
+MLFLOW_URI = r"^(runs:/[^/]+/.+|models:/[^/@]+/\d+|models:/[^/@]+@[^/]+)$"
+
+
+class InitSpec(Strict):
+    """Where a stage's weights start. Given as a mapping, or as the `weights` string alone."""
+
+    weights: str = Field(
+        pattern=rf"^({'|'.join(WEIGHT_SOURCES)}):.+",
+        max_length=4096,
+        description="torchvision:<Weights enum> (ResNet50_Weights.IMAGENET1K_V2), file:<.safetensors, .pt, .pth or "
+        ".bin state dict>, or mlflow:runs:/<id>/<path>, mlflow:models:/<name>/<version>, "
+        "mlflow:models:/<name>@<alias>",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        return {"weights": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _mlflow_uri(self) -> InitSpec:
+        if self.kind == "mlflow" and not re.match(MLFLOW_URI, self.ref):
+            raise ValueError(
+                "weights: expected mlflow:runs:/<run id>/<path>, mlflow:models:/<name>/<version> or "
+                f"mlflow:models:/<name>@<alias>, got '{self.weights}'"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return self.weights.split(":", 1)[0]
+
+    @property
+    def ref(self) -> str:
+        return self.weights.split(":", 1)[1]
+
+
 class StageSpec(Strict):
     name: str = Field(pattern=NAME, max_length=100)
     model: str = Field(max_length=100)
+    init: InitSpec | None = Field(None, description="where its weights start (default: random)")
     teachers: list[str] = Field(
         default_factory=list, max_length=64, description="earlier stages whose final weights it learns from"
     )
     method: str = Field("ce", max_length=100)
     params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
-    epochs: int = Field(ge=1, le=100_000)
+    epochs: int = Field(ge=0, le=100_000, description="0: import `init`'s weights as they are, and evaluate them")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
@@ -225,6 +265,8 @@ class StageSpec(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> StageSpec:
         distinct(self.seeds, "seeds")
+        if self.epochs == 0:
+            self._importable()
         schedule = self.schedule
         if schedule.warmup_epochs > self.epochs:
             raise ValueError(f"schedule.warmup_epochs: at most the stage's {self.epochs} epochs")
@@ -240,6 +282,13 @@ class StageSpec(Strict):
                 "for GPUs; use bf16 or fp32 on CPU"
             )
         return self
+
+    def _importable(self) -> None:
+        """A stage of no epochs imports its `init` weights: it learns nothing, so it has no teachers or search."""
+        if self.init is None:
+            raise ValueError("epochs: 0 imports weights without training; say where they come from in init:")
+        if self.teachers or self.method != "ce" or self.search is not None:
+            raise ValueError("epochs: 0 imports weights without training; it takes no teachers, method or search")
 
 
 class CheckpointSpec(Strict):

@@ -1,7 +1,7 @@
 """Model registry: the project's small CIFAR-style ResNets and every torchvision classification model.
 
-Models are always built without pretrained weights (nothing is downloaded); a stage's starting point is either
-random initialisation or the weights its own pipeline produced. torchvision is imported only for its own models:
+Models are always built without weights; where a stage's start from elsewhere (a file, a hub, MLflow), they are
+fitted to the built model (`kdpipe.models.sources`). torchvision is imported only for its own models:
 importing it costs seconds (it loads torch's compiler stack), which a job of CIFAR ResNets never pays.
 """
 
@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -41,6 +42,22 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     import torchvision
 
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def head_keys(name: str, num_classes: int) -> set[str]:
+    """The state-dict keys whose shapes follow the number of classes (the classifier head), found by building the
+    model for one class more on the meta device (no memory, no initialisation), or on the CPU for the families
+    whose constructors compute with tensors (RegNet)."""
+
+    def differing() -> set[str]:
+        ours, other = build_model(name, num_classes).state_dict(), build_model(name, num_classes + 1).state_dict()
+        return {key for key, value in ours.items() if value.shape != other[key].shape}
+
+    try:
+        with torch.device("meta"):
+            return differing()
+    except NotImplementedError:
+        return differing()
 
 
 def save_weights(model: nn.Module, name: str, num_classes: int, folder: Path) -> None:

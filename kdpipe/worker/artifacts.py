@@ -1,5 +1,6 @@
 """What a stage's MLflow run holds, and where: written by the stage's workers, read by the driver to reuse and resume.
 
+init/                       where its weights started, when they came from elsewhere (`kdpipe.driver.imports`)
 weights/                    the stage's final weights (`kdpipe.models.save_weights`): what students learn from
 peers/<name>/               the same for each network trained beside the student (DML, DCM)
 checkpoints/step-N/         full training state (`kdpipe.worker.checkpoint`), the newest `checkpoint.keep` of them
@@ -13,10 +14,11 @@ from kdpipe.models import WEIGHTS_FILE
 from kdpipe.tracking.files import RunArtifacts
 from kdpipe.worker.checkpoint import POSITION
 
-WEIGHTS, PEERS, CHECKPOINTS, TEACHERS, PLOTS = "weights", "peers", "checkpoints", "teachers", "plots"
+WEIGHTS, PEERS, CHECKPOINTS, TEACHERS, PLOTS, INIT = "weights", "peers", "checkpoints", "teachers", "plots", "init"
 PROBE_FILE = "probe.safetensors"
 SEARCH_BEST = "search/best.json"
 FINAL_WEIGHTS = f"{WEIGHTS}/{WEIGHTS_FILE}"  # a stage run with this file is a result students can learn from
+INIT_WEIGHTS = f"{INIT}/{WEIGHTS_FILE}"
 
 
 def weights_folder(peer: str = "") -> str:

@@ -15,19 +15,18 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdpipe.data.loaders import StageData, open_data
-from kdpipe.job.spec import StageSpec
 from kdpipe.methods import METHODS
-from kdpipe.models import build_model, load_weights, save_weights
+from kdpipe.models import WEIGHTS_FILE, build_model, load_weights, save_weights
 from kdpipe.tracking.files import RunArtifacts
 from kdpipe.tracking.tags import TAG_NODE
 from kdpipe.worker import artifacts
-from kdpipe.worker.engine import PRECISIONS, Engine, autocast
+from kdpipe.worker.engine import PRECISIONS, Engine, autocast, evaluate
 from kdpipe.worker.sinks import BoardProgress, RunLog, StageCheckpoints
-from kdpipe.worker.task import StageTask, TeacherRef
+from kdpipe.worker.task import InitRef, StageTask, TeacherRef
 from kdpipe.worker.teacher_cache import CachedTeacher, Exact, TeacherCache, TeacherCaches, TopK
 from kdpipe.worker.tracking_actor import ActorTracker
 
@@ -40,6 +39,23 @@ def load_teacher(ref: TeacherRef, tracking_uri: str, device: torch.device) -> nn
     with RunArtifacts(ref.artifact_uri, tracking_uri).downloaded(artifacts.WEIGHTS) as folder:
         teacher = load_weights(folder)
     return teacher.to(device).eval().requires_grad_(False)
+
+
+def load_init(model: nn.Module, init: InitRef, tracking_uri: str) -> None:
+    """The stage's starting weights (fitted by the driver) into `model`; the fresh keys keep their initialisation."""
+    with RunArtifacts(init.artifact_uri, tracking_uri).downloaded(artifacts.INIT) as folder:
+        missing, unexpected = model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=False)
+    if sorted(missing) != sorted(init.fresh) or unexpected:  # the driver fitted them to this very model
+        raise RuntimeError(f"init weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+def import_stage(task: StageTask, student: nn.Module, data: StageData, device: torch.device, rank: int) -> None:
+    """A stage of no epochs: its imported weights evaluated on the job's held-out split, and stored as its result."""
+    stage = task.stage
+    metrics = evaluate(student.to(device).eval(), data, device, PRECISIONS[stage.deepspeed.precision])
+    if rank == 0:
+        ActorTracker(task.job).log_metrics(task.run_id, metrics, step=0)
+        save_final_weights(RunArtifacts(task.artifact_uri, task.tracking_uri), stage.model, student, data.num_classes)
 
 
 def cached_teachers(
@@ -68,13 +84,11 @@ def log_teacher_probe(
         files.log_files([Path(folder) / artifacts.PROBE_FILE], artifacts.TEACHERS)
 
 
-def save_final_weights(files: RunArtifacts, stage: StageSpec, engine: Engine, num_classes: int) -> None:
-    """The student's weights, and each peer's: safetensors and the facts needed to rebuild the module."""
-    networks = {"": (stage.model, engine.method.student), **engine.method.peers()}
-    for peer, (model, network) in networks.items():
-        with tempfile.TemporaryDirectory() as folder:
-            save_weights(network, model, num_classes, Path(folder))
-            files.log_folder(Path(folder), artifacts.weights_folder(peer))
+def save_final_weights(files: RunArtifacts, model: str, network: nn.Module, num_classes: int, peer: str = "") -> None:
+    """A network's weights (the stage's, or a peer's): safetensors and the facts needed to rebuild the module."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_weights(network, model, num_classes, Path(folder))
+        files.log_folder(Path(folder), artifacts.weights_folder(peer))
 
 
 def stage_loop(task: StageTask) -> None:
@@ -93,6 +107,11 @@ def stage_loop(task: StageTask) -> None:
 
     data = open_data(task.data, task.reading, task.seed, rank, world, pin_memory=device.type == "cuda")
     student = build_model(stage.model, data.num_classes)  # first: its initial weights depend on the seed alone
+    if task.init is not None:
+        load_init(student, task.init, task.tracking_uri)
+    if stage.epochs == 0:
+        import_stage(task, student, data, device, rank)
+        return
     teachers = [load_teacher(ref, task.tracking_uri, device) for ref in task.teachers]
     cached = cached_teachers(task, teachers, rank, world, data.num_classes)
     method_cls = METHODS[stage.method]
@@ -106,7 +125,8 @@ def stage_loop(task: StageTask) -> None:
     log, progress = RunLog(tracker, files, task.run_id, stage), BoardProgress(task.job, stage, rank)
     engine.train(data, start, sink, log, progress, TeacherCaches(cached))
     if rank == 0:  # after the loop: a stage resumed from its very last checkpoint still stores its weights
-        save_final_weights(files, stage, engine, data.num_classes)
+        for peer, (model, network) in {"": (stage.model, engine.method.student), **engine.method.peers()}.items():
+            save_final_weights(files, model, network, data.num_classes, peer)
 
 
 @torch.inference_mode()

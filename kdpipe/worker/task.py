@@ -23,6 +23,15 @@ class TeacherRef:
 
 
 @dataclass(frozen=True)
+class InitRef:
+    """Where a stage's weights start: the state dict fitted to its model (`kdpipe.driver.imports`), in the stage
+    run's `init/` folder (a search's trials read their stage's)."""
+
+    artifact_uri: str
+    fresh: tuple[str, ...] = ()  # keys that keep the model's own initialisation (a head for other classes)
+
+
+@dataclass(frozen=True)
 class StageTask:
     job: str
     stage: StageSpec  # as it runs: a repeat's name, a trial's sampled values
@@ -36,6 +45,7 @@ class StageTask:
     seed: int
     checkpoint: CheckpointSpec
     cache: CacheSettings | None = None  # the teacher-output cache; None: the teachers run online
+    init: InitRef | None = None  # None: random initial weights
 
     def cache_keys(self, world: int) -> list[str]:
         """Each teacher's key in the teacher-output cache for this stage on `world` ranks; none when it is off."""

@@ -1,0 +1,80 @@
+"""Weights a job imports (`init:`): each source fetched once per job into a cache under the workdir (never by every
+worker), digested for the fingerprints, and fitted to each stage's model before any stage trains.
+
+What a stage's workers load is the fitted state dict, stored in the stage's MLflow run (`init/`): a record of where
+it started, and a file every node reads the way it reads a teacher's weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from kdpipe.job.spec import InitSpec, JobSpec, workdir_path
+from kdpipe.models import WEIGHTS_FILE, build_model, head_keys
+from kdpipe.models.sources import file_digest, fit_state, read_state, torchvision_file, weights_file
+from kdpipe.plan import Plan
+from kdpipe.tracking.downloads import download
+
+
+@dataclass(frozen=True)
+class InitFile:
+    """A stage's starting weights, fitted to its model: what its workers load."""
+
+    path: Path  # safetensors with the model's keys, less the fresh ones
+    fresh: tuple[str, ...]  # keys that keep the model's own initialisation (a head for other classes)
+
+
+def cache_folder(job: JobSpec) -> Path:
+    """Downloads go under the workdir when it is a local folder; beside the user's other caches when it is a URL."""
+    if "://" in job.workdir:
+        return Path.home() / ".cache" / "kdpipe" / "downloads"
+    return Path(workdir_path(job.workdir, "downloads"))
+
+
+def source_file(init: InitSpec, where: str, cache: Path, tracking_uri: str, fetch: bool = True) -> Path | None:
+    """The local file a source names, downloaded first where it is remote (unless `fetch` is False: then None
+    for a remote source not in the cache yet)."""
+    if init.kind == "file":
+        return Path(init.ref)
+    if init.kind == "torchvision":
+        file = torchvision_file(init.ref, cache / "torchvision", where, fetch)
+        return file if file.exists() else None
+    folder = download(init.ref, tracking_uri, cache / "mlflow", where)
+    return weights_file(folder, where)
+
+
+def import_digests(plan: Plan, fetch: bool = True) -> dict[str, str]:
+    """Each imported source's content digest, by its `init.weights`. `fetch=False` (status, report) downloads
+    nothing: a hub file not in the cache yet has no digest, and what learns from it no fingerprint."""
+    digests, cache = {}, cache_folder(plan.job)
+    for weights, where in plan.imports().items():
+        file = source_file(InitSpec(weights=weights), where, cache, plan.job.tracking.uri, fetch)
+        if file is not None:
+            digests[weights] = file_digest(file)
+    return digests
+
+
+def fit_imports(plan: Plan, num_classes: int, folder: Path) -> Iterator[tuple[str, InitFile, str]]:
+    """Each importing stage's weights fitted to its model, written under `folder`: (stage, file, note), where the
+    note says the head starts fresh ("" when it does not). Stages sharing a source and a model share a file."""
+    cache, fitted = cache_folder(plan.job), {}
+    for i, spec in enumerate(plan.job.stages):
+        if spec.init is None:
+            continue
+        where = f"stages[{i}].init.weights"
+        key = (spec.init.weights, spec.model)
+        if key not in fitted:
+            source = source_file(spec.init, where, cache, plan.job.tracking.uri)
+            model = build_model(spec.model, num_classes)
+            state, fresh, note = fit_state(model, head_keys(spec.model, num_classes), read_state(source), where)
+            path = folder / str(len(fitted)) / WEIGHTS_FILE
+            path.parent.mkdir()
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            fitted[key] = InitFile(path, fresh), note
+        init, note = fitted[key]
+        for name in plan.named(spec.name):
+            yield name, init, note
