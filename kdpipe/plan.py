@@ -7,12 +7,14 @@ It sits above `kdpipe.job` (which knows no torch) because a method's params are 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from torch import nn
 
 from kdpipe.data import data_identity
 from kdpipe.errors import UserError
@@ -22,7 +24,7 @@ from kdpipe.job.dotted import PathError, get_at, set_at
 from kdpipe.job.load import load_job
 from kdpipe.job.spec import JobSpec, StageSpec, TeacherCacheMode
 from kdpipe.methods import METHODS, get_method, parse_params
-from kdpipe.models import is_known_model
+from kdpipe.models import build_model, is_known_model
 from kdpipe.models.sources import STATE_SUFFIXES, torchvision_weights
 
 
@@ -130,7 +132,28 @@ def plan_job(job: JobSpec) -> Plan:
         if stage.search is not None:
             check_search(planned[stage.name], f"stages[{i}].search.space")
     check_baseline(job, job.baseline, "baseline")
+    blank = functools.cache(lambda model: build_model(model, job.data.classes))
+    for name, stage in planned.items():
+        teachers = [planned[t].spec.model for t in stage.spec.teachers]
+        check_taps(job, stage, teachers, blank, f"stages[{index[name]}]")
     return repeat_over_seeds(job, order, planned, index)
+
+
+def check_taps(
+    job: JobSpec, stage: PlannedStage, teachers: list[str], blank: Callable[[str], nn.Module], where: str
+) -> None:
+    """A method that reads features can read them from these models: it is built on `blank` models of the stage's
+    and its teachers' families (one of each per job), which traces its taps on a blank image."""
+    spec, method = stage.spec, METHODS[stage.spec.method]
+    if method.logits_only:
+        return
+    setting = {"model": spec.model, "num_classes": job.data.classes, "image_size": job.data.image_size}
+    try:
+        method(blank(spec.model), [blank(name) for name in teachers], stage.params, **setting)
+    except Exception as err:  # noqa: BLE001 - whatever a family's graph raises, the pair is refused in one line
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        pair = f"{spec.model} with teacher(s) {', '.join(teachers)}" if teachers else spec.model
+        raise UserError(f"{where}: method '{spec.method}' cannot read the features of {pair}: {reason}") from None
 
 
 def check_baseline(job: JobSpec, baseline: str | None, where: str) -> None:

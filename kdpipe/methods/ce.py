@@ -12,6 +12,7 @@ class CrossEntropy(Method):
     name = "ce"
     paper = "plain supervised training (no teacher)"
     max_teachers = 0
+    logits_only = True  # it reads no features
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from kdpipe.methods.base import Epochs, Method, Params, PositiveWeight, Weight
-from kdpipe.models.features import POOLED, pair_deepest, stage_nodes
+from kdpipe.models.features import pair_deepest, pooled_node, stage_nodes
 
 KERNEL_EPS = 1e-6
 
@@ -88,8 +88,9 @@ class InfoFlowProxy(Method):
 
     def __init__(self, student, teachers, params: ProxyParams, **setting):
         super().__init__(student, teachers, params, **setting)
-        self.tap("student", student, [POOLED])
-        self.tap("teacher", self.teachers[0], [POOLED])
+        self.pooled = pooled_node(student), pooled_node(self.teachers[0])
+        self.tap("student", student, [self.pooled[0]])
+        self.tap("teacher", self.teachers[0], [self.pooled[1]])
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
         p = self.params
@@ -97,7 +98,7 @@ class InfoFlowProxy(Method):
         losses = {"ce": (1.0 if self.epoch < p.ce_epochs else p.ce_weight) * F.cross_entropy(logits, labels)}
         if self.epoch >= p.ce_epochs:
             _, teacher = self.features("teacher", images)
-            losses["flow"] = p.weight * flow_loss(teacher[POOLED], proxy[POOLED])
+            losses["flow"] = p.weight * flow_loss(teacher[self.pooled[1]], proxy[self.pooled[0]])
         return logits, losses
 
 
@@ -124,8 +125,8 @@ class InfoFlow(Method):
         super().__init__(student, teachers, params, **setting)
         proxy = self.teachers[0]
         self.pairs = pair_deepest(
-            params.student_nodes or [*stage_nodes(student, self.image_size), POOLED],
-            params.teacher_nodes or [*stage_nodes(proxy, self.image_size), POOLED],
+            params.student_nodes or [*stage_nodes(student, self.image_size), pooled_node(student)],
+            params.teacher_nodes or [*stage_nodes(proxy, self.image_size), pooled_node(proxy)],
         )
         self.tap("student", student, [s for s, _ in self.pairs])
         self.tap("teacher", proxy, [t for _, t in self.pairs])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.methods.base import Method, Params, Weight
-from kdpipe.models.features import POOLED
+from kdpipe.models.features import pooled_node
 
 EPS = 1e-7
 
@@ -47,12 +47,13 @@ class PKT(Method):
 
     def __init__(self, student, teachers, params: PKTParams, **setting):
         super().__init__(student, teachers, params, **setting)
-        self.tap("student", student, [POOLED])
-        self.tap("teacher", self.teachers[0], [POOLED])
+        self.pooled = pooled_node(student), pooled_node(self.teachers[0])
+        self.tap("student", student, [self.pooled[0]])
+        self.tap("teacher", self.teachers[0], [self.pooled[1]])
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
         p = self.params
         logits, student = self.features("student", images)
         _, teacher = self.features("teacher", images)
-        transfer = pkt_loss(student[POOLED], teacher[POOLED])
+        transfer = pkt_loss(student[self.pooled[0]], teacher[self.pooled[1]])
         return logits, {"ce": p.ce_weight * F.cross_entropy(logits, labels), "pkt": p.beta * transfer}

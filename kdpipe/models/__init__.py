@@ -11,7 +11,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,18 +45,10 @@ def build_model(name: str, num_classes: int) -> nn.Module:
 
 def head_keys(name: str, num_classes: int) -> set[str]:
     """The state-dict keys whose shapes follow the number of classes (the classifier head), found by building the
-    model for one class more on the meta device (no memory, no initialisation), or on the CPU for the families
-    whose constructors compute with tensors (RegNet)."""
-
-    def differing() -> set[str]:
-        ours, other = build_model(name, num_classes).state_dict(), build_model(name, num_classes + 1).state_dict()
-        return {key for key, value in ours.items() if value.shape != other[key].shape}
-
-    try:
-        with torch.device("meta"):
-            return differing()
-    except NotImplementedError:
-        return differing()
+    model for one class more. (On the CPU: the meta device would spare the initialisation, but its first use
+    imports seconds of torch, and RegNet's constructor cannot run there.)"""
+    ours, other = build_model(name, num_classes).state_dict(), build_model(name, num_classes + 1).state_dict()
+    return {key for key, value in ours.items() if value.shape != other[key].shape}
 
 
 def save_weights(model: nn.Module, name: str, num_classes: int, folder: Path) -> None:

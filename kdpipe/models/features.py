@@ -8,34 +8,103 @@ stage outputs, shallow to deep), and a job file may name others.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-POOLED = "flatten"  # the pooled penultimate vector, in the CIFAR ResNets and torchvision's CNNs alike
+ISOTROPIC_TAPS = 4  # taps of a model whose blocks keep one resolution (a ViT): evenly spaced blocks
+STEM_STRIDE = 4  # what a stem takes the resolution down by before the first stage (ResNets, ConvNeXts, Swins)
+
+
+def as_map(feature: torch.Tensor) -> torch.Tensor:
+    """A node's output as kdpipe's methods read it: N x C x H x W maps, or N x D vectors as they are.
+
+    Images are square, so the two equal dimensions are the spatial ones: N x H x W x C outputs (Swin's stages) are
+    permuted. N x T x C tokens (a ViT's blocks) become maps, with the class and register tokens (the T - g*g first,
+    g = floor(sqrt(T))) dropped."""
+    if feature.dim() == 3:
+        side = math.isqrt(feature.shape[1])
+        grid = feature[:, feature.shape[1] - side * side :]
+        return grid.transpose(1, 2).reshape(feature.shape[0], feature.shape[2], side, side)
+    if feature.dim() == 4 and feature.shape[1] == feature.shape[2] != feature.shape[3]:
+        return feature.permute(0, 3, 1, 2)
+    return feature
+
+
+def head_child(model: nn.Module) -> str:
+    """The top-level child that holds the classifier: the last one with parameters (fc, head, heads, classifier)."""
+    return [name for name, child in model.named_children() if any(True for _ in child.parameters())][-1]
+
+
+def pooled_node(model: nn.Module) -> str:
+    """The node that hands the classifier its input: the pooled penultimate vector of a CNN (`flatten`), a ViT's
+    class token."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    head, nodes = head_child(model), get_graph_node_names(model)[1]
+    first = next(i for i, node in enumerate(nodes) if node == head or node.startswith(f"{head}."))
+    return nodes[first - 1]
 
 
 def stage_nodes(model: nn.Module, image_size: int) -> list[str]:
     """The model family's default taps: the output of each stage, shallow to deep.
 
-    ResNets (CIFAR and torchvision): `layer1`.. (the post-ReLU stage outputs RepDistiller taps as f1..f3). Models
-    with a `features` sequence (MobileNets, EfficientNets, VGG, ...): its last block at each spatial size, found by
-    running one blank image through it. Others have no default; the job file names nodes for them.
-    """
+    ResNets (CIFAR and torchvision): `layer1`.. (the post-ReLU stage outputs RepDistiller taps as f1..f3). Any
+    other model: one blank image is run through it and every module's output read as a map (`as_map`). Its trunk
+    is the set of sibling modules whose outputs take the most resolutions (`features.*` of MobileNets, EfficientNets,
+    ConvNeXts and Swins, `trunk_output.*` of RegNets, the top-level modules of a ShuffleNet); the taps are the last
+    of them at each resolution from a quarter of the image's on (finer ones are the stem's: too early to carry
+    knowledge, and where ResNets' first stage starts too). A model that keeps one
+    resolution throughout (a ViT) is tapped at evenly spaced blocks of its longest sequence."""
     layers = [f"layer{i}" for i in range(1, 5) if hasattr(model, f"layer{i}")]
     if layers:
         return layers
-    features = getattr(model, "features", None)
-    if isinstance(features, nn.Sequential):
-        last_at_size: dict[int, str] = {}
-        x = torch.zeros(1, 3, image_size, image_size)
-        was_training = features.training  # a frozen teacher stays in eval mode
+    siblings: dict[str, dict[str, int]] = {}
+    for name, size in output_sizes(model, image_size).items():
+        siblings.setdefault(name.rpartition(".")[0], {})[name] = size
+    trunk = max(siblings.values(), key=lambda sizes: (len(set(sizes.values())), len(sizes)))
+    if len(set(trunk.values())) > 1:
+        last_at_size = {size: name for name, size in trunk.items()}
+        stages = [name for size, name in last_at_size.items() if size <= image_size // STEM_STRIDE]
+        return stages or list(last_at_size.values())
+    count = min(ISOTROPIC_TAPS, len(trunk))
+    blocks = list(trunk)
+    return [blocks[round((i + 1) * len(blocks) / count) - 1] for i in range(count)]
+
+
+def output_sizes(model: nn.Module, image_size: int) -> dict[str, int]:
+    """Each module's output resolution on a blank image (as a map), up to the classifier, in the order the modules
+    finish; global pooling is not a stage."""
+    head = head_child(model)
+    pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    sizes: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(_module, _inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() in (3, 4):
+                sizes.pop(name, None)
+                sizes[name] = as_map(output).shape[-1]
+
+        return hook
+
+    hooks = [
+        module.register_forward_hook(record(name))
+        for name, module in model.named_modules()
+        if name and name != head and not name.startswith(f"{head}.") and not isinstance(module, pools)
+    ]
+    was_training = model.training  # a frozen teacher stays in eval mode
+    weight = next(model.parameters())
+    try:
         with torch.no_grad():
-            for index, block in enumerate(features.eval()):
-                x = block(x)
-                last_at_size[x.shape[-1]] = f"features.{index}"
-        features.train(was_training)
-        return list(last_at_size.values())[1:]  # the first is the stem's: too early to carry knowledge
-    raise ValueError(f"no default feature nodes for {type(model).__name__}; name them in the job file")
+            model.eval()(torch.zeros(1, 3, image_size, image_size, device=weight.device, dtype=weight.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if not sizes:
+        raise ValueError(f"no default feature nodes for {type(model).__name__}; name them in the job file")
+    return sizes
 
 
 def pair_deepest(student: list[str], teacher: list[str]) -> list[tuple[str, str]]:
@@ -66,7 +135,7 @@ class Taps(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.graph(images)
-        return out.pop("logits"), out
+        return out.pop("logits"), {node: as_map(value) for node, value in out.items()}
 
 
 def feature_shapes(taps: Taps, image_size: int) -> dict[str, torch.Size]:
