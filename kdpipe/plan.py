@@ -7,8 +7,8 @@ It sits above `kdpipe.job` (which knows no torch) because a method's params are 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Mapping, Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from kdpipe.job.load import load_job
 from kdpipe.job.spec import JobSpec, StageSpec, TeacherCacheMode
 from kdpipe.methods import METHODS, get_method, parse_params
 from kdpipe.models import build_model, is_known_model
-from kdpipe.models.sources import STATE_SUFFIXES, torchvision_weights
+from kdpipe.models.sources import STATE_SUFFIXES, timm_config, torchvision_weights
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,11 @@ class PlannedStage:
         resolved = self.resolved(self.source or self.spec)
         resolved.pop("seeds")
         resolved.pop("teacher_cache")
-        if resolved.pop("init") is not None:  # absent, not None, without one: older stages keep their fingerprint
-            resolved["init"] = digest
+        if not resolved["model_args"]:  # absent when empty, as before the field existed
+            resolved.pop("model_args")
+        init = resolved.pop("init")
+        if init is not None:  # absent, not None, without one: older stages keep their fingerprint
+            resolved["init"] = {**{k: v for k, v in init.items() if v is not None}, "weights": digest}
         cache = cache_policy.fingerprint_part(self.teacher_cache(job))
         if cache is not None:
             resolved["teacher_cache"] = cache
@@ -132,28 +135,54 @@ def plan_job(job: JobSpec) -> Plan:
         if stage.search is not None:
             check_search(planned[stage.name], f"stages[{i}].search.space")
     check_baseline(job, job.baseline, "baseline")
-    blank = functools.cache(lambda model: build_model(model, job.data.classes))
+    blank = BlankModels(job.data.classes)
     for name, stage in planned.items():
-        teachers = [planned[t].spec.model for t in stage.spec.teachers]
-        check_taps(job, stage, teachers, blank, f"stages[{index[name]}]")
+        where = f"stages[{index[name]}]"
+        if stage.spec.model_args:
+            blank.build(stage.spec, f"{where}.model_args")
+        check_taps(job, stage, [planned[t].spec for t in stage.spec.teachers], blank, where)
     return repeat_over_seeds(job, order, planned, index)
 
 
-def check_taps(
-    job: JobSpec, stage: PlannedStage, teachers: list[str], blank: Callable[[str], nn.Module], where: str
-) -> None:
+class BlankModels:
+    """Each stage's model, freshly built once per job (its family and `model_args`), for checking a job."""
+
+    def __init__(self, classes: int):
+        self.classes, self.built = classes, {}
+
+    def __call__(self, spec: StageSpec) -> nn.Module:
+        key = (spec.model, json.dumps(spec.model_args, sort_keys=True))
+        if key not in self.built:
+            self.built[key] = build_model(spec.model, self.classes, spec.model_args)
+        return self.built[key]
+
+    def build(self, spec: StageSpec, where: str) -> None:
+        """A stage's model with its `model_args`, or one line saying what its constructor refused."""
+        try:
+            self(spec)
+        except Exception as err:  # noqa: BLE001 - a family's constructor raises what it likes for bad options
+            raise UserError(f"{where}: {spec.model} refuses them: {reason_of(err)}") from None
+
+
+def reason_of(err: Exception) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def check_taps(job: JobSpec, stage: PlannedStage, teachers: list[StageSpec], blank: BlankModels, where: str) -> None:
     """A method that reads features can read them from these models: it is built on `blank` models of the stage's
-    and its teachers' families (one of each per job), which traces its taps on a blank image."""
+    and its teachers' families, which traces its taps on a blank image."""
     spec, method = stage.spec, METHODS[stage.spec.method]
     if method.logits_only:
         return
     setting = {"model": spec.model, "num_classes": job.data.classes, "image_size": job.data.image_size}
     try:
-        method(blank(spec.model), [blank(name) for name in teachers], stage.params, **setting)
+        method(blank(spec), [blank(teacher) for teacher in teachers], stage.params, **setting)
     except Exception as err:  # noqa: BLE001 - whatever a family's graph raises, the pair is refused in one line
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
-        pair = f"{spec.model} with teacher(s) {', '.join(teachers)}" if teachers else spec.model
-        raise UserError(f"{where}: method '{spec.method}' cannot read the features of {pair}: {reason}") from None
+        names = ", ".join(teacher.model for teacher in teachers)
+        pair = f"{spec.model} with teacher(s) {names}" if teachers else spec.model
+        raise UserError(
+            f"{where}: method '{spec.method}' cannot read the features of {pair}: {reason_of(err)}"
+        ) from None
 
 
 def check_baseline(job: JobSpec, baseline: str | None, where: str) -> None:
@@ -195,7 +224,7 @@ def plan_stage(stage: StageSpec, where: str) -> PlannedStage:
     """A stage checked against the model and method registries, with its method's params resolved."""
     if not is_known_model(stage.model):
         raise UserError(
-            f"{where}.model: unknown model '{stage.model}'; expected a torchvision model name "
+            f"{where}.model: unknown model '{stage.model}'; expected a torchvision model name, timm:<a timm model>, "
             "or resnet8..resnet110, resnet8x4, resnet32x4"
         )
     method = get_method(stage.method, f"{where}.method")
@@ -209,6 +238,8 @@ def plan_stage(stage: StageSpec, where: str) -> PlannedStage:
         raise UserError(f"{where}.params.{problem}")
     if stage.init is not None and stage.init.kind == "torchvision":
         torchvision_weights(stage.init.ref, f"{where}.init.weights")
+    if stage.init is not None and stage.init.kind == "timm":
+        timm_config(stage.init.ref, f"{where}.init.weights")
     return PlannedStage(stage, params, method.version)
 
 

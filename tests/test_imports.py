@@ -24,7 +24,7 @@ from kdpipe.tracking.store import Tracker
 from tests.conftest import FASHION_MNIST, tiny_job, write_job
 
 TEACHER = "shufflenet_v2_x0_5"  # a torchvision model, small enough to train here in seconds
-MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST's published pixel mean and std
+MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST's pixel mean and std, by which kdpipe normalizes its batches
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -36,9 +36,9 @@ def idx(name: str) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=8)
 
 
-def normalized(images: np.ndarray) -> torch.Tensor:
-    grey = (torch.from_numpy(images.copy()).float() / 255 - MEAN) / STD
-    return grey[:, None].expand(-1, 3, -1, -1)
+def pixels(images: np.ndarray) -> torch.Tensor:
+    """Images as the outside loop feeds its model: pixels in [0, 1], not normalized (kdpipe's batches are)."""
+    return (torch.from_numpy(images.copy()).float() / 255)[:, None].expand(-1, 3, -1, -1)
 
 
 @torch.no_grad()
@@ -50,12 +50,13 @@ def top1_count(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray)
 
 @pytest.fixture(scope="module")
 def outside_teacher(tmp_path_factory):
-    """A teacher trained by a plain loop: after 40 steps saved as a training script would (`.pt`, wrapped, with
-    DataParallel's prefix), after 80 as `.safetensors`; with each one's top-1 count on the held-out images."""
+    """A teacher trained by a plain loop on unnormalized pixels: after 40 steps saved as a training script would
+    (`.pt`, wrapped, with DataParallel's prefix), after 80 as `.safetensors`; with each one's top-1 count on the
+    held-out images."""
     root = tmp_path_factory.mktemp("outside")
     torch.manual_seed(0)
-    train_x, train_y = normalized(idx("train-images-idx3-ubyte.gz")[:5120]), idx("train-labels-idx1-ubyte.gz")
-    val_x, val_y = normalized(idx("t10k-images-idx3-ubyte.gz")), idx("t10k-labels-idx1-ubyte.gz")
+    train_x, train_y = pixels(idx("train-images-idx3-ubyte.gz")[:5120]), idx("train-labels-idx1-ubyte.gz")
+    val_x, val_y = pixels(idx("t10k-images-idx3-ubyte.gz")), idx("t10k-labels-idx1-ubyte.gz")
     model = torchvision.models.get_model(TEACHER, num_classes=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     saved = {}
@@ -76,8 +77,10 @@ def outside_teacher(tmp_path_factory):
 
 
 def import_job(root: Path, weights: Path) -> Path:
+    """The weights imported with the input they were trained on (no normalization), then distilled."""
+    init = {"weights": f"file:{weights}", "mean": [0, 0, 0], "std": [1, 1, 1]}
     stages = [
-        {"name": "teacher", "model": TEACHER, "init": f"file:{weights}", "epochs": 0, "workers": {"count": 1}},
+        {"name": "teacher", "model": TEACHER, "init": init, "epochs": 0, "workers": {"count": 1}},
         {"name": "student", "model": "resnet8", "teachers": ["teacher"], "method": "kd", "epochs": 1},
     ]
     job = tiny_job(root, stages)
@@ -94,9 +97,11 @@ def test_an_imported_teacher_is_evaluated_taught_from_and_known_by_its_content(
     outcomes = run_job(load_plan(import_job(tmp_path, path)))
     assert {o.status for o in outcomes.values()} == {StageState.DONE}, {n: o.error for n, o in outcomes.items()}
     teacher, student = outcomes["teacher"], outcomes["student"]
-    assert teacher.metrics["val/top1"] == correct / count  # the loop's own count on the same images
+    # The loop's own count on the same images: kdpipe's normalized batches reach the teacher as its own pixels.
+    assert teacher.metrics["val/top1"] == correct / count
 
-    # The student learned from the imported weights themselves: its teacher probe is their output.
+    # The student learned from the imported weights themselves: its teacher probe is their output on the pixels
+    # of the student's normalized batch.
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
     with RunArtifacts(tracker.artifact_uri(student.run_id), tracker.uri).downloaded("teachers") as folder:
         probe = load_file(str(folder / "probe.safetensors"))
@@ -104,7 +109,7 @@ def test_an_imported_teacher_is_evaluated_taught_from_and_known_by_its_content(
     state = torch.load(path, weights_only=True)["state_dict"]
     loop_model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     with torch.no_grad():
-        expected = loop_model.eval()(probe["images"])
+        expected = loop_model.eval()(probe["images"] * STD + MEAN)
     torch.testing.assert_close(probe["teacher"], expected, atol=1e-5, rtol=1e-5)
 
     # The same file elsewhere: nothing retrains.
@@ -176,14 +181,14 @@ def test_a_torchvision_hub_file_is_read_from_the_cache(tmp_path) -> None:
     cache.mkdir(parents=True)
     hub = torchvision.models.get_model("resnet18", num_classes=1000).state_dict()
     torch.save(hub, cache / "resnet18-f37072fd.pth")
-    init = "torchvision:ResNet18_Weights.IMAGENET1K_V1"
-    stages = [{"name": "teacher", "model": "resnet18", "init": init, "epochs": 0}]
+    source = "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    stages = [{"name": "teacher", "model": "resnet18", "init": source, "epochs": 0}]
     plan = load_plan(write_job(tmp_path / "job.yaml", tiny_job(tmp_path, stages)))
     [(_, init, note)] = fit_imports(plan, 10, tmp_path)
     assert note.endswith("the weights have 1000 classes, the data 10: the classifier head starts fresh")
     fitted = load_file(str(init.path))
     assert all(torch.equal(fitted[k], hub[k]) for k in fitted) and fitted.keys() == hub.keys() - set(init.fresh)
-    assert import_digests(plan, fetch=False).keys() == {init}
+    assert import_digests(plan, fetch=False).keys() == {source}
 
 
 def write_bad(tmp_path: Path, init, **stage) -> Path:
@@ -198,7 +203,8 @@ VALIDATE_CASES = {
         {},
         ["stages[0].init.weights", "ResNet18_Weights.NOPE", "ResNet50_Weights.IMAGENET1K_V2"],
     ),
-    "unknown source": ("hub:resnet18", {}, ["stages[0].init.weights", "torchvision|file|mlflow"]),
+    "unknown timm weights": ("timm:resnet18.nope", {}, ["stages[0].init.weights", "timm has no pretrained weights"]),
+    "unknown source": ("hub:resnet18", {}, ["stages[0].init.weights", "torchvision|timm|file|mlflow"]),
     "mlflow uri form": ("mlflow:models:/teacher", {}, ["stages[0].init", "models:/<name>@<alias>"]),
     "import without init": (None, {}, ["stages[0]", "epochs: 0", "init:"]),
     "import with teachers": ("file:/x.pt", {"method": "kd"}, ["stages[0]", "epochs: 0", "no teachers"]),
@@ -245,3 +251,29 @@ def test_a_source_that_cannot_be_read_or_fitted_is_one_line_before_any_stage_tra
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(part in err for part in expected), err
     assert not (tmp_path / "out" / "ray").exists()  # nothing launched
+
+
+def test_a_timm_hub_file_is_read_from_the_cache_and_loaded_as_timm_loads_it(tmp_path, monkeypatch) -> None:
+    """timm's pretrained ViT through a Hugging Face cache the test fills (the Hub cannot be reached here), at
+    another image size: timm's own loading resizes the position embedding, and the head is reset for 10 classes."""
+    import huggingface_hub
+    import timm
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    name, revision = "vit_tiny_patch16_224.augreg_in21k_ft_in1k", "0" * 40
+    repo = tmp_path / "out" / "downloads" / "timm" / f"models--timm--{name}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    hub = timm.create_model("vit_tiny_patch16_224", num_classes=1000, depth=2).state_dict()
+    save_file(hub, str(repo / "snapshots" / revision / "model.safetensors"))
+
+    stage = {"name": "teacher", "model": "timm:vit_tiny_patch16_224", "init": f"timm:{name}", "epochs": 0}
+    stage["model_args"] = {"img_size": 32, "depth": 2}
+    plan = load_plan(write_job(tmp_path / "job.yaml", tiny_job(tmp_path, [stage])))
+    [(_, init, note)] = fit_imports(plan, 10, tmp_path)
+    assert note.endswith("the weights have 1000 classes, the data 10: the classifier head starts fresh")
+    fitted = load_file(str(init.path))
+    assert fitted["pos_embed"].shape == (1, 1 + 2 * 2, 192)  # 32 px in 16 px patches, and the class token
+    assert torch.equal(fitted["cls_token"], hub["cls_token"]) and set(init.fresh) == {"head.weight", "head.bias"}
+    assert import_digests(plan, fetch=False).keys() == {f"timm:{name}"}

@@ -4,6 +4,8 @@ features cannot be read. Blank models, no training: each case is a forward pass 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torchvision
@@ -78,3 +80,71 @@ def test_validate_refuses_a_pair_whose_features_cannot_be_read(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert all(part in err for part in ("stages[1]", "'pkt'", "resnet8", "vit_b_16", "Expected 224")), err
+
+
+TINY_VIT = ("timm:vit_tiny_patch16_224", {"img_size": 8, "patch_size": 2, "depth": 2, "embed_dim": 32, "num_heads": 2})
+
+
+@pytest.mark.parametrize("method", ["fitnets", "at", "pkt", "infoflow"])
+@pytest.mark.parametrize("vit_teaches", [True, False], ids=["vit-teacher", "vit-student"])
+def test_a_timm_vit_and_a_cnn_distil_either_way(process_group, method, vit_teaches) -> None:
+    """One epoch of the engine with a tiny timm ViT teacher and a CIFAR ResNet student, and the other way round:
+    every loss finite, the distillation term among them."""
+    from kdpipe.job.spec import StageSpec
+    from kdpipe.methods import METHODS
+    from kdpipe.worker.engine import Engine
+    from tests.test_engine import BATCH, CLASSES, SIZE, Blobs, Recorder, train
+
+    torch.manual_seed(0)
+    vit, cnn = (TINY_VIT, ("resnet8", {}))
+    (student_name, student_args), (teacher_name, teacher_args) = (cnn, vit) if vit_teaches else (vit, cnn)
+    spec = StageSpec(name="s", model=student_name, model_args=student_args, method=method, teachers=["t"], epochs=1)
+    cls = METHODS[method]
+    student = build_model(student_name, CLASSES, student_args)
+    teacher = build_model(teacher_name, CLASSES, teacher_args)
+    module = cls(student, [teacher], cls.Params(), model=student_name, num_classes=CLASSES, image_size=SIZE)
+    recorder = Recorder()
+    train(Engine(module, spec, BATCH, torch.device("cpu")), Blobs(), recorder)
+    [epoch] = recorder.epochs
+    distilled = {key for key in epoch if key.startswith("train/") and key not in ("train/loss", "train/ce")}
+    assert distilled and all(math.isfinite(value) for value in epoch.values()), epoch
+
+
+@pytest.mark.parametrize(
+    ("model", "args", "expected"),
+    [
+        ("resnet8", {"width": 2}, ["stages[0].model_args", "resnet8", "takes no model_args"]),
+        ("timm:resnet18", {"depth_multiplier": 2}, ["stages[0].model_args", "timm:resnet18", "depth_multiplier"]),
+        ("timm:resnet1800", {}, ["stages[0].model", "unknown model 'timm:resnet1800'", "timm:<a timm model>"]),
+    ],
+)
+def test_a_model_its_constructor_refuses_is_one_line(model, args, expected, tmp_path, capsys) -> None:
+    stages = [{"name": "teacher", "model": model, "model_args": args, "epochs": 1}]
+    assert main(["validate", str(write_job(tmp_path / "job.yaml", tiny_job(tmp_path, stages)))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(part in err for part in expected), err
+
+
+def test_a_batch_reaches_a_model_in_its_own_normalization_and_size() -> None:
+    """Pixels normalized by the data's statistics, adapted, equal the same pixels normalized by the model's (and
+    resized to its image size); the model and its feature taps both take the adapted batch."""
+    from kdpipe.models.inputs import ModelInput, adapt_input, input_adapter
+
+    data_mean, data_std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    wanted = ModelInput((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 48)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    column = lambda values: torch.tensor(values).view(1, 3, 1, 1)  # noqa: E731
+    batch = (pixels - column(data_mean)) / column(data_std)
+    adapt = input_adapter(data_mean, data_std, wanted, torch.device("cpu"))
+    own = torch.nn.functional.interpolate(
+        (pixels - column(wanted.mean)) / column(wanted.std), size=(48, 48), mode="bilinear"
+    )
+    torch.testing.assert_close(adapt(batch), own)
+
+    model = build_model("resnet8", 10).eval()
+    with torch.no_grad():
+        direct = model(own)
+        adapt_input(model, adapt)
+        logits, _ = Taps(model, stage_nodes(model, 32)).eval()(batch)
+        torch.testing.assert_close(model(batch), direct)
+    torch.testing.assert_close(logits, direct)

@@ -7,15 +7,27 @@ it started, and a file every node reads the way it reads a teacher's weights.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from kdpipe.job.spec import InitSpec, JobSpec, workdir_path
+from kdpipe.job.spec import InitSpec, JobSpec, StageSpec, workdir_path
 from kdpipe.models import WEIGHTS_FILE, build_model, head_keys
-from kdpipe.models.sources import file_digest, fit_state, read_state, torchvision_file, weights_file
+from kdpipe.models.inputs import ModelInput
+from kdpipe.models.sources import (
+    file_digest,
+    fit_state,
+    read_state,
+    timm_file,
+    timm_input,
+    timm_state,
+    torchvision_file,
+    torchvision_input,
+    weights_file,
+)
 from kdpipe.plan import Plan
 from kdpipe.tracking.downloads import download
 
@@ -26,6 +38,7 @@ class InitFile:
 
     path: Path  # safetensors with the model's keys, less the fresh ones
     fresh: tuple[str, ...]  # keys that keep the model's own initialisation (a head for other classes)
+    wanted: ModelInput | None = None  # an import's own input, where it has one
 
 
 def cache_folder(job: JobSpec) -> Path:
@@ -43,6 +56,8 @@ def source_file(init: InitSpec, where: str, cache: Path, tracking_uri: str, fetc
     if init.kind == "torchvision":
         file = torchvision_file(init.ref, cache / "torchvision", where, fetch)
         return file if file.exists() else None
+    if init.kind == "timm":
+        return timm_file(init.ref, cache / "timm", where, fetch)
     folder = download(init.ref, tracking_uri, cache / "mlflow", where)
     return weights_file(folder, where)
 
@@ -58,23 +73,38 @@ def import_digests(plan: Plan, fetch: bool = True) -> dict[str, str]:
     return digests
 
 
+def expected_input(init: InitSpec, spec: StageSpec) -> ModelInput | None:
+    """The input imported weights expect: a hub's from its config, a file's or MLflow model's as `init:` states."""
+    where = "init.weights"
+    if init.kind == "torchvision":
+        return torchvision_input(init.ref, where)
+    if init.kind == "timm":
+        return timm_input(init.ref, spec.model_args, where)
+    if init.mean or init.image_size:
+        return ModelInput(init.mean and tuple(init.mean), init.std and tuple(init.std), init.image_size)
+    return None
+
+
 def fit_imports(plan: Plan, num_classes: int, folder: Path) -> Iterator[tuple[str, InitFile, str]]:
     """Each importing stage's weights fitted to its model, written under `folder`: (stage, file, note), where the
     note says the head starts fresh ("" when it does not). Stages sharing a source and a model share a file."""
     cache, fitted = cache_folder(plan.job), {}
     for i, spec in enumerate(plan.job.stages):
-        if spec.init is None:
+        init = spec.init
+        if init is None:
             continue
         where = f"stages[{i}].init.weights"
-        key = (spec.init.weights, spec.model)
+        key = (init.weights, spec.model, json.dumps(spec.model_args, sort_keys=True))
         if key not in fitted:
-            source = source_file(spec.init, where, cache, plan.job.tracking.uri)
-            model = build_model(spec.model, num_classes)
-            state, fresh, note = fit_state(model, head_keys(spec.model, num_classes), read_state(source), where)
+            source = source_file(init, where, cache, plan.job.tracking.uri)
+            model = build_model(spec.model, num_classes, spec.model_args)
+            head = head_keys(spec.model, num_classes, spec.model_args)
+            weights = timm_state(init.ref, source, spec.model_args) if init.kind == "timm" else read_state(source)
+            state, fresh, note = fit_state(model, head, weights, where)
             path = folder / str(len(fitted)) / WEIGHTS_FILE
             path.parent.mkdir()
             save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-            fitted[key] = InitFile(path, fresh), note
-        init, note = fitted[key]
+            fitted[key] = InitFile(path, fresh, expected_input(init, spec) if spec.epochs == 0 else None), note
+        fitted_init, note = fitted[key]
         for name in plan.named(spec.name):
-            yield name, init, note
+            yield name, fitted_init, note

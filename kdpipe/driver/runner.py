@@ -257,7 +257,7 @@ class JobRunner:
             seed=stage.seed,
             checkpoint=job.checkpoint,
             cache=cache_settings(stage.teacher_cache(job), job.workdir),
-            init=InitRef(artifact_uri, init.fresh) if init else None,
+            init=InitRef(artifact_uri, init.fresh, init.wanted) if init else None,
         )
         outcome.status, outcome.seconds = StageState.RUNNING, time.perf_counter()
         self.running[pool.submit(self.launcher.launch, task, stage)] = outcome.name

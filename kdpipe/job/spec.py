@@ -204,25 +204,42 @@ def distinct(seeds: list[int] | None, field: str) -> None:
         raise ValueError(f"{field}: each seed once")
 
 
-WEIGHT_SOURCES = ("torchvision", "file", "mlflow")
+WEIGHT_SOURCES = ("torchvision", "timm", "file", "mlflow")
 MLFLOW_URI = r"^(runs:/[^/]+/.+|models:/[^/@]+/\d+|models:/[^/@]+@[^/]+)$"
 
 
+RGB = Annotated[list[Annotated[float, Field(ge=-1000, le=1000)]], Field(min_length=3, max_length=3)]
+
+
 class InitSpec(Strict):
-    """Where a stage's weights start. Given as a mapping, or as the `weights` string alone."""
+    """Where a stage's weights start, and for a file or an MLflow model the input they expect (a hub's weights
+    state their own). Given as a mapping, or as the `weights` string alone."""
 
     weights: str = Field(
         pattern=rf"^({'|'.join(WEIGHT_SOURCES)}):.+",
         max_length=4096,
-        description="torchvision:<Weights enum> (ResNet50_Weights.IMAGENET1K_V2), file:<.safetensors, .pt, .pth or "
-        ".bin state dict>, or mlflow:runs:/<id>/<path>, mlflow:models:/<name>/<version>, "
-        "mlflow:models:/<name>@<alias>",
+        description="torchvision:<Weights enum> (ResNet50_Weights.IMAGENET1K_V2), timm:<name>[.<tag>] from the "
+        "Hugging Face Hub, file:<.safetensors, .pt, .pth or .bin state dict>, or mlflow:runs:/<id>/<path>, "
+        "mlflow:models:/<name>/<version>, mlflow:models:/<name>@<alias>",
     )
+    mean: RGB | None = Field(None, description="file, mlflow: the per-channel mean the weights were trained with")
+    std: RGB | None = Field(None, description="file, mlflow: the per-channel std the weights were trained with")
+    image_size: int | None = Field(None, ge=8, le=4096, description="file, mlflow: the image side they expect")
 
     @model_validator(mode="before")
     @classmethod
     def _from_text(cls, value: Any) -> Any:
         return {"weights": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _input(self) -> InitSpec:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean, std: give both or neither")
+        if any(value <= 0 for value in self.std or ()):
+            raise ValueError("std: expected values above 0")
+        if self.kind in ("torchvision", "timm") and (self.mean or self.image_size):
+            raise ValueError(f"mean, std, image_size: {self.kind}'s weights state their own; only for file: or mlflow:")
+        return self
 
     @model_validator(mode="after")
     def _mlflow_uri(self) -> InitSpec:
@@ -244,7 +261,14 @@ class InitSpec(Strict):
 
 class StageSpec(Strict):
     name: str = Field(pattern=NAME, max_length=100)
-    model: str = Field(max_length=100)
+    model: str = Field(
+        max_length=100, description="resnet8..resnet110, resnet8x4, resnet32x4, a torchvision model, or timm:<name>"
+    )
+    model_args: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="the model constructor's other options, e.g. {img_size: 32} for a timm ViT",
+    )
     init: InitSpec | None = Field(None, description="where its weights start (default: random)")
     teachers: list[str] = Field(
         default_factory=list, max_length=64, description="earlier stages whose final weights it learns from"

@@ -39,10 +39,13 @@ def head_child(model: nn.Module) -> str:
 
 def pooled_node(model: nn.Module) -> str:
     """The node that hands the classifier its input: the pooled penultimate vector of a CNN (`flatten`), a ViT's
-    class token."""
+    class token. The classifier is a timm model's own (`get_classifier`), else the child that holds it."""
     from torchvision.models.feature_extraction import get_graph_node_names
 
-    head, nodes = head_child(model), get_graph_node_names(model)[1]
+    head = head_child(model)
+    if hasattr(model, "get_classifier"):
+        head = next(name for name, module in model.named_modules() if module is model.get_classifier())
+    nodes = get_graph_node_names(model)[1]
     first = next(i for i, node in enumerate(nodes) if node == head or node.startswith(f"{head}."))
     return nodes[first - 1]
 
@@ -50,26 +53,34 @@ def pooled_node(model: nn.Module) -> str:
 def stage_nodes(model: nn.Module, image_size: int) -> list[str]:
     """The model family's default taps: the output of each stage, shallow to deep.
 
-    ResNets (CIFAR and torchvision): `layer1`.. (the post-ReLU stage outputs RepDistiller taps as f1..f3). Any
-    other model: one blank image is run through it and every module's output read as a map (`as_map`). Its trunk
-    is the set of sibling modules whose outputs take the most resolutions (`features.*` of MobileNets, EfficientNets,
-    ConvNeXts and Swins, `trunk_output.*` of RegNets, the top-level modules of a ShuffleNet); the taps are the last
-    of them at each resolution from a quarter of the image's on (finer ones are the stem's: too early to carry
-    knowledge, and where ResNets' first stage starts too). A model that keeps one
-    resolution throughout (a ViT) is tapped at evenly spaced blocks of its longest sequence."""
-    layers = [f"layer{i}" for i in range(1, 5) if hasattr(model, f"layer{i}")]
+    ResNets (CIFAR and torchvision): `layer1`.. (the post-ReLU stage outputs RepDistiller taps as f1..f3). A timm
+    model: the stages its `feature_info` lists. Any other model: one blank image is run through it and every
+    module's output read as a map (`as_map`); its trunk is the set of sibling modules whose outputs take the most
+    resolutions (`features.*` of MobileNets, EfficientNets, ConvNeXts and Swins, `trunk_output.*` of RegNets, the
+    top-level modules of a ShuffleNet). Either way the taps are the last stage at each resolution from a quarter of
+    the image's on (finer ones are the stem's: too early to carry knowledge, and where ResNets' first stage starts
+    too); a model that keeps one resolution throughout (a ViT) is tapped at evenly spaced blocks."""
+    layers = [f"layer{i}" for i in range(1, 5) if hasattr(model, f"layer{i}") and not hasattr(model, "feature_info")]
     if layers:
         return layers
+    info = getattr(model, "feature_info", None)
+    if info:
+        return stages_of({entry["module"]: image_size // entry["reduction"] for entry in info}, image_size)
     siblings: dict[str, dict[str, int]] = {}
     for name, size in output_sizes(model, image_size).items():
         siblings.setdefault(name.rpartition(".")[0], {})[name] = size
     trunk = max(siblings.values(), key=lambda sizes: (len(set(sizes.values())), len(sizes)))
-    if len(set(trunk.values())) > 1:
-        last_at_size = {size: name for name, size in trunk.items()}
-        stages = [name for size, name in last_at_size.items() if size <= image_size // STEM_STRIDE]
-        return stages or list(last_at_size.values())
-    count = min(ISOTROPIC_TAPS, len(trunk))
-    blocks = list(trunk)
+    return stages_of(trunk, image_size)
+
+
+def stages_of(sides: dict[str, int], image_size: int) -> list[str]:
+    """Stage taps from blocks in order with their output sides (`stage_nodes`)."""
+    if len(set(sides.values())) > 1:
+        last_at_side = {side: name for name, side in sides.items()}
+        stages = [name for side, name in last_at_side.items() if side <= image_size // STEM_STRIDE]
+        return stages or list(last_at_side.values())
+    count = min(ISOTROPIC_TAPS, len(sides))
+    blocks = list(sides)
     return [blocks[round((i + 1) * len(blocks) / count) - 1] for i in range(count)]
 
 
@@ -125,6 +136,7 @@ class Taps(nn.Module):
         from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
         super().__init__()
+        self.adapt = getattr(model, "input_adapter", None)  # a teacher's own input (`kdpipe.models.inputs`)
         train_nodes, eval_nodes = get_graph_node_names(model)
         outputs = {node: node for node in nodes}
         self.graph = create_feature_extractor(
@@ -134,7 +146,7 @@ class Taps(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.graph(images)
+        out = self.graph(self.adapt(images) if self.adapt else images)
         return out.pop("logits"), {node: as_map(value) for node, value in out.items()}
 
 

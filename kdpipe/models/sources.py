@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kdpipe.errors import UserError
+from kdpipe.models.inputs import ModelInput
 
 STATE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "net")  # where training scripts put the weights
@@ -133,6 +134,61 @@ def torchvision_file(name: str, cache: Path, where: str, fetch: bool = True) -> 
         except (OSError, RuntimeError) as err:
             raise UserError(f"{where}: cannot download {url} ({err}); or put the file at {file}") from None
     return file
+
+
+def timm_config(name: str, where: str):  # -> timm.models.PretrainedCfg
+    """timm's pretrained config of `name` (`vit_tiny_patch16_224`, or with its tag: `resnet50.a1_in1k`)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        config = get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag of a known model
+        config = None
+    if config is None or not config.hf_hub_id:
+        raise UserError(f"{where}: timm has no pretrained weights '{name}' on the Hugging Face Hub")
+    return config
+
+
+def timm_file(name: str, cache: Path, where: str, fetch: bool = True) -> Path | None:
+    """The Hugging Face Hub file of timm's pretrained `name`, downloaded once into `cache` (the Hub's own cache
+    layout); None when `fetch` is False and it is not there yet."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    config = timm_config(name, where)
+    files = [config.hf_hub_filename] if config.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    for file in files:
+        try:
+            return Path(hf_hub_download(config.hf_hub_id, file, cache_dir=cache, local_files_only=not fetch))
+        except EntryNotFoundError:
+            continue
+        except LocalEntryNotFoundError:
+            if not fetch:
+                return None
+            raise UserError(f"{where}: cannot download {config.hf_hub_id} from the Hugging Face Hub") from None
+    raise UserError(f"{where}: {config.hf_hub_id} holds none of {', '.join(files)}")
+
+
+def timm_state(name: str, path: Path, args: dict) -> dict[str, torch.Tensor]:
+    """A timm checkpoint as its model holds it, loaded the way timm loads it (its filter adapts, for one, a ViT's
+    position embedding to another `img_size`), with the head the weights came with."""
+    import timm
+
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **args)
+    return model.state_dict()
+
+
+def timm_input(name: str, args: dict, where: str) -> ModelInput:
+    """The normalization timm's pretrained `name` was trained with, at the image size the model is built for."""
+    config = timm_config(name, where)
+    size = args.get("img_size", config.input_size[-1])
+    return ModelInput(tuple(config.mean), tuple(config.std), size if isinstance(size, int) else size[-1])
+
+
+def torchvision_input(name: str, where: str) -> ModelInput:
+    """The normalization and crop size of torchvision's evaluation transforms for the weights `name`."""
+    transforms = torchvision_weights(name, where).transforms()
+    return ModelInput(tuple(transforms.mean), tuple(transforms.std), transforms.crop_size[0])
 
 
 def torchvision_weights(name: str, where: str):  # -> torchvision.models.WeightsEnum

@@ -18,9 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdpipe.data import NORMALIZATION
 from kdpipe.data.loaders import StageData, open_data
 from kdpipe.methods import METHODS
-from kdpipe.models import WEIGHTS_FILE, build_model, load_weights, save_weights
+from kdpipe.models import WEIGHTS_FILE, build_model, expected_input, load_weights, save_weights
+from kdpipe.models.inputs import ModelInput, adapt_input, input_adapter
 from kdpipe.tracking.files import RunArtifacts
 from kdpipe.tracking.tags import TAG_NODE
 from kdpipe.worker import artifacts
@@ -33,12 +35,15 @@ from kdpipe.worker.tracking_actor import ActorTracker
 PROBE_SIZE = 16
 
 
-def load_teacher(ref: TeacherRef, tracking_uri: str, device: torch.device) -> nn.Module:
+def load_teacher(ref: TeacherRef, task: StageTask, device: torch.device) -> nn.Module:
     """A teacher stage's final weights, frozen and in eval mode (BN running statistics) from the start; fp32, run
-    under the stage's autocast like the student."""
-    with RunArtifacts(ref.artifact_uri, tracking_uri).downloaded(artifacts.WEIGHTS) as folder:
-        teacher = load_weights(folder)
-    return teacher.to(device).eval().requires_grad_(False)
+    under the stage's autocast like the student; weights imported with an input of their own get it."""
+    with RunArtifacts(ref.artifact_uri, task.tracking_uri).downloaded(artifacts.WEIGHTS) as folder:
+        teacher, wanted = load_weights(folder), expected_input(folder)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    if wanted:
+        adapt_input(teacher, input_adapter(*NORMALIZATION[task.data.normalization], wanted, device))
+    return teacher
 
 
 def load_init(model: nn.Module, init: InitRef, tracking_uri: str) -> None:
@@ -51,11 +56,15 @@ def load_init(model: nn.Module, init: InitRef, tracking_uri: str) -> None:
 
 def import_stage(task: StageTask, student: nn.Module, data: StageData, device: torch.device, rank: int) -> None:
     """A stage of no epochs: its imported weights evaluated on the job's held-out split, and stored as its result."""
-    stage = task.stage
-    metrics = evaluate(student.to(device).eval(), data, device, PRECISIONS[stage.deepspeed.precision])
+    stage, wanted = task.stage, task.init.wanted
+    student = student.to(device).eval()
+    if wanted:
+        adapt_input(student, input_adapter(*NORMALIZATION[task.data.normalization], wanted, device))
+    metrics = evaluate(student, data, device, PRECISIONS[stage.deepspeed.precision])
     if rank == 0:
         ActorTracker(task.job).log_metrics(task.run_id, metrics, step=0)
-        save_final_weights(RunArtifacts(task.artifact_uri, task.tracking_uri), stage.model, student, data.num_classes)
+        files = RunArtifacts(task.artifact_uri, task.tracking_uri)
+        save_final_weights(files, stage.model, student, data.num_classes, args=stage.model_args, wanted=wanted)
 
 
 def cached_teachers(
@@ -84,10 +93,18 @@ def log_teacher_probe(
         files.log_files([Path(folder) / artifacts.PROBE_FILE], artifacts.TEACHERS)
 
 
-def save_final_weights(files: RunArtifacts, model: str, network: nn.Module, num_classes: int, peer: str = "") -> None:
+def save_final_weights(
+    files: RunArtifacts,
+    model: str,
+    network: nn.Module,
+    num_classes: int,
+    peer: str = "",
+    args: dict | None = None,
+    wanted: ModelInput | None = None,
+) -> None:
     """A network's weights (the stage's, or a peer's): safetensors and the facts needed to rebuild the module."""
     with tempfile.TemporaryDirectory() as folder:
-        save_weights(network, model, num_classes, Path(folder))
+        save_weights(network, model, num_classes, Path(folder), args, wanted)
         files.log_folder(Path(folder), artifacts.weights_folder(peer))
 
 
@@ -106,13 +123,15 @@ def stage_loop(task: StageTask) -> None:
         tracker.set_tags(task.run_id, {f"{TAG_NODE}.{r}": node for r, node in enumerate(nodes)})
 
     data = open_data(task.data, task.reading, task.seed, rank, world, pin_memory=device.type == "cuda")
-    student = build_model(stage.model, data.num_classes)  # first: its initial weights depend on the seed alone
+    student = build_model(
+        stage.model, data.num_classes, stage.model_args
+    )  # first: its initial weights depend on the seed alone
     if task.init is not None:
         load_init(student, task.init, task.tracking_uri)
     if stage.epochs == 0:
         import_stage(task, student, data, device, rank)
         return
-    teachers = [load_teacher(ref, task.tracking_uri, device) for ref in task.teachers]
+    teachers = [load_teacher(ref, task, device) for ref in task.teachers]
     cached = cached_teachers(task, teachers, rank, world, data.num_classes)
     method_cls = METHODS[stage.method]
     setting = {"model": stage.model, "num_classes": data.num_classes, "image_size": task.reading.image_size}
@@ -125,7 +144,8 @@ def stage_loop(task: StageTask) -> None:
     log, progress = RunLog(tracker, files, task.run_id, stage), BoardProgress(task.job, stage, rank)
     engine.train(data, start, sink, log, progress, TeacherCaches(cached))
     if rank == 0:  # after the loop: a stage resumed from its very last checkpoint still stores its weights
-        for peer, (model, network) in {"": (stage.model, engine.method.student), **engine.method.peers()}.items():
+        save_final_weights(files, stage.model, engine.method.student, data.num_classes, args=stage.model_args)
+        for peer, (model, network) in engine.method.peers().items():
             save_final_weights(files, model, network, data.num_classes, peer)
 
 
@@ -138,7 +158,7 @@ def fill_teacher_cache(task: StageTask, rank: int, world: int) -> dict[str, floa
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray shows a task its own GPUs only
     dtype = PRECISIONS[stage.deepspeed.precision]
     data = open_data(task.data, task.reading, task.seed, rank, world, pin_memory=device.type == "cuda")
-    teachers = [load_teacher(ref, task.tracking_uri, device) for ref in task.teachers]
+    teachers = [load_teacher(ref, task, device) for ref in task.teachers]
     caches = TeacherCaches(cached_teachers(task, teachers, rank, world, data.num_classes))
     counts: dict[str, float] = {}
     for epoch in range(stage.epochs):

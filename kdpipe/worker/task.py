@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from kdpipe.data import PreparedData
 from kdpipe.job.cache_policy import CacheSettings
 from kdpipe.job.spec import CheckpointSpec, DataSpec, StageSpec
+from kdpipe.models.inputs import ModelInput
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class InitRef:
 
     artifact_uri: str
     fresh: tuple[str, ...] = ()  # keys that keep the model's own initialisation (a head for other classes)
+    wanted: ModelInput | None = None  # an import's own input (`kdpipe.models.inputs`)
 
 
 @dataclass(frozen=True)
