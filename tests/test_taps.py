@@ -148,3 +148,13 @@ def test_a_batch_reaches_a_model_in_its_own_normalization_and_size() -> None:
         logits, _ = Taps(model, stage_nodes(model, 32)).eval()(batch)
         torch.testing.assert_close(model(batch), direct)
     torch.testing.assert_close(logits, direct)
+
+
+def test_a_model_with_its_own_input_is_tapped_at_its_own_resolution() -> None:
+    """A teacher taking 64 px (its input adapted) under a 16 px student has the taps it has at 64 px."""
+    from kdpipe.models.inputs import ModelInput, adapt_input, input_adapter
+
+    model = build_model("mobilenet_v3_small", 10)
+    own = stage_nodes(model, 64)
+    adapt_input(model, input_adapter((0.5,) * 3, (0.25,) * 3, ModelInput(None, None, 64), torch.device("cpu")))
+    assert stage_nodes(model, 16) == own

@@ -58,8 +58,8 @@ def source_file(init: InitSpec, where: str, cache: Path, tracking_uri: str, fetc
         return file if file.exists() else None
     if init.kind == "timm":
         return timm_file(init.ref, cache / "timm", where, fetch)
-    folder = download(init.ref, tracking_uri, cache / "mlflow", where)
-    return weights_file(folder, where)
+    folder = download(init.ref, tracking_uri, cache / "mlflow", where, fetch)
+    return weights_file(folder, where) if folder else None
 
 
 def import_digests(plan: Plan, fetch: bool = True) -> dict[str, str]:
@@ -73,9 +73,8 @@ def import_digests(plan: Plan, fetch: bool = True) -> dict[str, str]:
     return digests
 
 
-def expected_input(init: InitSpec, spec: StageSpec) -> ModelInput | None:
+def expected_input(init: InitSpec, spec: StageSpec, where: str) -> ModelInput | None:
     """The input imported weights expect: a hub's from its config, a file's or MLflow model's as `init:` states."""
-    where = "init.weights"
     if init.kind == "torchvision":
         return torchvision_input(init.ref, where)
     if init.kind == "timm":
@@ -87,14 +86,15 @@ def expected_input(init: InitSpec, spec: StageSpec) -> ModelInput | None:
 
 def fit_imports(plan: Plan, num_classes: int, folder: Path) -> Iterator[tuple[str, InitFile, str]]:
     """Each importing stage's weights fitted to its model, written under `folder`: (stage, file, note), where the
-    note says the head starts fresh ("" when it does not). Stages sharing a source and a model share a file."""
+    note says the head starts fresh ("" when it does not). Stages sharing a source, a model and whether they
+    import or fine-tune share a file."""
     cache, fitted = cache_folder(plan.job), {}
     for i, spec in enumerate(plan.job.stages):
         init = spec.init
         if init is None:
             continue
         where = f"stages[{i}].init.weights"
-        key = (init.weights, spec.model, json.dumps(spec.model_args, sort_keys=True))
+        key = (init.weights, spec.model, json.dumps(spec.model_args, sort_keys=True), spec.epochs == 0)
         if key not in fitted:
             source = source_file(init, where, cache, plan.job.tracking.uri)
             model = build_model(spec.model, num_classes, spec.model_args)
@@ -104,7 +104,8 @@ def fit_imports(plan: Plan, num_classes: int, folder: Path) -> Iterator[tuple[st
             path = folder / str(len(fitted)) / WEIGHTS_FILE
             path.parent.mkdir()
             save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-            fitted[key] = InitFile(path, fresh, expected_input(init, spec) if spec.epochs == 0 else None), note
+            wanted = expected_input(init, spec, where) if spec.epochs == 0 else None
+            fitted[key] = InitFile(path, fresh, wanted), note
         fitted_init, note = fitted[key]
         for name in plan.named(spec.name):
             yield name, fitted_init, note

@@ -66,11 +66,12 @@ def stage_nodes(model: nn.Module, image_size: int) -> list[str]:
     info = getattr(model, "feature_info", None)
     if info:
         return stages_of({entry["module"]: image_size // entry["reduction"] for entry in info}, image_size)
+    side, sizes = output_sizes(model, image_size)
     siblings: dict[str, dict[str, int]] = {}
-    for name, size in output_sizes(model, image_size).items():
+    for name, size in sizes.items():
         siblings.setdefault(name.rpartition(".")[0], {})[name] = size
     trunk = max(siblings.values(), key=lambda sizes: (len(set(sizes.values())), len(sizes)))
-    return stages_of(trunk, image_size)
+    return stages_of(trunk, side)
 
 
 def stages_of(sides: dict[str, int], image_size: int) -> list[str]:
@@ -84,12 +85,14 @@ def stages_of(sides: dict[str, int], image_size: int) -> list[str]:
     return [blocks[round((i + 1) * len(blocks) / count) - 1] for i in range(count)]
 
 
-def output_sizes(model: nn.Module, image_size: int) -> dict[str, int]:
-    """Each module's output resolution on a blank image (as a map), up to the classifier, in the order the modules
-    finish; global pooling is not a stage."""
+def output_sizes(model: nn.Module, image_size: int) -> tuple[int, dict[str, int]]:
+    """The side of the image the model takes (its own, where its input is adapted) and each module's output
+    resolution on a blank image (as a map), up to the classifier, in the order the modules finish; global pooling
+    is not a stage."""
     head = head_child(model)
     pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
     sizes: dict[str, int] = {}
+    side = [image_size]
 
     def record(name: str):
         def hook(_module, _inputs, output):
@@ -104,6 +107,7 @@ def output_sizes(model: nn.Module, image_size: int) -> dict[str, int]:
         for name, module in model.named_modules()
         if name and name != head and not name.startswith(f"{head}.") and not isinstance(module, pools)
     ]
+    hooks.append(model.register_forward_pre_hook(lambda _model, args: side.__setitem__(0, args[0].shape[-1])))
     was_training = model.training  # a frozen teacher stays in eval mode
     weight = next(model.parameters())
     try:
@@ -115,7 +119,7 @@ def output_sizes(model: nn.Module, image_size: int) -> dict[str, int]:
         model.train(was_training)
     if not sizes:
         raise ValueError(f"no default feature nodes for {type(model).__name__}; name them in the job file")
-    return sizes
+    return side[0], sizes
 
 
 def pair_deepest(student: list[str], teacher: list[str]) -> list[tuple[str, str]]:

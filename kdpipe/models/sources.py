@@ -1,5 +1,5 @@
-"""Weights from outside a job: a state dict read from a file (never unpickled code), a torchvision hub file, and the
-fit of either to the model a stage starts from.
+"""Weights from outside a job: a state dict read from a file (never unpickled code), torchvision's and timm's hub
+files (with the input their configs state), and the fit of any of them to the model a stage starts from.
 
 A checkpoint is read as tensors only: `.safetensors`, or a `.pt`/`.pth`/`.bin` file through
 `torch.load(weights_only=True)`, which refuses pickled code. The usual training-script layouts are unwrapped:

@@ -20,15 +20,17 @@ COMPLETE = ".complete"  # written last: a folder without it is a download that w
 ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 
 
-def download(uri: str, tracking_uri: str, cache: Path, where: str) -> Path:
+def download(uri: str, tracking_uri: str, cache: Path, where: str, fetch: bool = True) -> Path | None:
     """A local folder holding what `uri` names (a file, or a folder of files); one line naming `where` when the
-    store cannot be read or holds no such thing."""
+    store cannot be read or holds no such thing. With `fetch` False, None unless it was downloaded before."""
     tracking = resolve_uri(tracking_uri)
     try:
         with naming_uri(tracking):
             fixed = pinned(uri, tracking)
             target = cache / hashlib.sha256(fixed.encode()).hexdigest()[:16]
             if not (target / COMPLETE).exists():
+                if not fetch:
+                    return None
                 shutil.rmtree(target, ignore_errors=True)
                 target.mkdir(parents=True)
                 mlflow.artifacts.download_artifacts(artifact_uri=fixed, dst_path=str(target), tracking_uri=tracking)

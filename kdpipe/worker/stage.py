@@ -123,9 +123,8 @@ def stage_loop(task: StageTask) -> None:
         tracker.set_tags(task.run_id, {f"{TAG_NODE}.{r}": node for r, node in enumerate(nodes)})
 
     data = open_data(task.data, task.reading, task.seed, rank, world, pin_memory=device.type == "cuda")
-    student = build_model(
-        stage.model, data.num_classes, stage.model_args
-    )  # first: its initial weights depend on the seed alone
+    # First: its initial weights depend on the seed alone.
+    student = build_model(stage.model, data.num_classes, stage.model_args)
     if task.init is not None:
         load_init(student, task.init, task.tracking_uri)
     if stage.epochs == 0:
