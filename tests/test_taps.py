@@ -28,20 +28,30 @@ FAMILIES = {
     "densenet121": (64, [256, 512, 1024, 1024]),  # dense blocks 1-3, and block 4 after its final norm
     "mnasnet0_5": (64, [16, 24, 48, 1280]),  # MNASNet-0.5 stacks, head conv 1280
     "vit_b_16": (224, [768, 768, 768, 768]),  # ViT-B/16: 12 blocks of 768 on 14 x 14 patches, tapped every third
+    # timm's, through their feature_info
+    "timm:resnet18": (64, [64, 128, 256, 512]),
+    "timm:convnext_atto": (64, [40, 80, 160, 320]),  # ConvNeXt-Atto stages
+    "timm:efficientnet_b0": (64, [24, 40, 112, 320]),  # its feature_info's stages (the head conv is not one)
+    "timm:swin_tiny_patch4_window7_224": (64, [96, 192, 384, 768]),  # N x H x W x C stages, as torchvision's Swin
+    "timm:vit_tiny_patch16_224": (32, [192, 192, 192, 192]),  # ViT-Ti: 12 blocks of 192, on 32 px in 4 px patches
+}
+ARGS = {
+    "timm:swin_tiny_patch4_window7_224": {"img_size": 64, "window_size": 4},
+    "timm:vit_tiny_patch16_224": {"img_size": 32, "patch_size": 4},
 }
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_default_taps_are_maps_with_the_stage_widths(name) -> None:
     size, widths = FAMILIES[name]
-    model = build_model(name, 10)
+    model = build_model(name, 10, ARGS.get(name))
     nodes = stage_nodes(model, size)
     shapes = feature_shapes(Taps(model, nodes), size)
     assert [shape[0] for shape in shapes.values()] == widths, shapes
     sides = [shape[1] for shape in shapes.values()]
     assert all(len(shape) == 3 and shape[1] == shape[2] for shape in shapes.values())
-    if name.startswith("vit"):
-        assert sides == [size // 16] * 4  # the class token dropped: 196 patches as 14 x 14
+    if "vit" in name:
+        assert sides == [size // (4 if "timm" in name else 16)] * 4  # the class token dropped: the patches' grid
     else:
         assert sides == sorted(sides, reverse=True) and len(set(sides)) == len(sides)
 
