@@ -127,7 +127,9 @@ class Plan:
         return found
 
 
-def plan_job(job: JobSpec) -> Plan:
+def plan_job(job: JobSpec, check_models: bool = False) -> Plan:
+    """The job planned; `check_models` also builds each stage's model and traces each feature method's taps on
+    blank models (seconds: for `validate` and `run`, not for looking at a job's runs)."""
     order = dag.topological_order(job.stages)
     planned, index = {}, {}
     for i, stage in enumerate(job.stages):
@@ -135,13 +137,20 @@ def plan_job(job: JobSpec) -> Plan:
         if stage.search is not None:
             check_search(planned[stage.name], f"stages[{i}].search.space")
     check_baseline(job, job.baseline, "baseline")
+    if check_models:
+        check_stage_models(job, planned, index)
+    return repeat_over_seeds(job, order, planned, index)
+
+
+def check_stage_models(job: JobSpec, planned: dict[str, PlannedStage], index: dict[str, int]) -> None:
+    """Every stage's `model_args` are taken by its model's constructor, and every feature method can read its
+    models' features."""
     blank = BlankModels(job.data.classes)
     for name, stage in planned.items():
         where = f"stages[{index[name]}]"
         if stage.spec.model_args:
             blank.build(stage.spec, f"{where}.model_args")
         check_taps(job, stage, [planned[t].spec for t in stage.spec.teachers], blank, where)
-    return repeat_over_seeds(job, order, planned, index)
 
 
 class BlankModels:
@@ -295,12 +304,15 @@ def check_import_files(plan: Plan) -> None:
             raise UserError(f"{where}: no such file '{ref}'; expected a {', '.join(STATE_SUFFIXES)} weights file")
 
 
-def load_plan(path: str | Path, check_paths: bool = True, settings: Sequence[str] = ()) -> Plan:
+def load_plan(
+    path: str | Path, check_paths: bool = True, settings: Sequence[str] = (), check_models: bool = False
+) -> Plan:
     """Load, validate and plan a job file with its `--set` settings; every problem is a one-line `UserError`
-    naming the file (or the setting). `check_paths=False` leaves data paths to the machine that will read them."""
+    naming the file (or the setting). `check_paths=False` leaves data paths to the machine that will read them;
+    `check_models` (`plan_job`) is for the commands that are about to train."""
     job = load_job(path, check_paths, settings)
     try:
-        plan = dataclasses.replace(plan_job(job), settings=tuple(settings))
+        plan = dataclasses.replace(plan_job(job, check_models), settings=tuple(settings))
         if check_paths:
             check_import_files(plan)
         return plan

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 
-from kdpipe.driver.imports import fit_imports, import_digests
+from kdpipe.driver.imports import fit_imports, import_digests, source_files
 from kdpipe.driver.runner import run_job
 from kdpipe.driver.state import StageState
 from kdpipe.plan import load_plan
@@ -126,10 +126,10 @@ def test_other_weights_change_the_fingerprints_and_safetensors_load_as_they_are(
     new fingerprints, so both train again (the runner's rule, test_runner); its tensors are imported unchanged."""
     saved, _ = outside_teacher
     plans = {kind: load_plan(import_job(tmp_path, saved[kind][0])) for kind in saved}
-    prints = {kind: plan.fingerprints("data", import_digests(plan)) for kind, plan in plans.items()}
+    prints = {kind: plan.fingerprints("data", import_digests(source_files(plan))) for kind, plan in plans.items()}
     assert prints["pt"]["teacher"] != prints["safetensors"]["teacher"]
     assert prints["pt"]["student"] != prints["safetensors"]["student"]
-    [(stage, init, note)] = fit_imports(plans["safetensors"], 10, tmp_path)
+    [(stage, init, note)] = fit_imports(plans["safetensors"], source_files(plans["safetensors"]), 10, tmp_path)
     assert (stage, init.fresh, note) == ("teacher", (), "")
     fitted, original = load_file(str(init.path)), load_file(str(saved["safetensors"][0]))
     assert fitted.keys() == original.keys() and all(torch.equal(fitted[k], original[k]) for k in original)
@@ -159,7 +159,9 @@ def test_a_fine_tune_starts_from_mlflow_weights_for_other_classes(ray_local, tmp
     stages = [{**stage, "init": "mlflow:models:/outside@champion"}]
     stages.append({**stage, "name": "from-run", "init": f"mlflow:runs:/{run.info.run_id}/weights/model.safetensors"})
     plan = load_plan(write_job(tmp_path / "job.yaml", tiny_job(tmp_path, stages, classes=4)))
-    [(_, from_run, note)] = [fitted for fitted in fit_imports(plan, 4, tmp_path) if fitted[0] == "from-run"]
+    [(_, from_run, note)] = [
+        fitted for fitted in fit_imports(plan, source_files(plan), 4, tmp_path) if fitted[0] == "from-run"
+    ]
     assert from_run.fresh == ("fc.bias", "fc.weight")
     assert note == "stages[1].init.weights: the weights have 10 classes, the data 4: the classifier head starts fresh"
 
@@ -184,11 +186,11 @@ def test_a_torchvision_hub_file_is_read_from_the_cache(tmp_path) -> None:
     source = "torchvision:ResNet18_Weights.IMAGENET1K_V1"
     stages = [{"name": "teacher", "model": "resnet18", "init": source, "epochs": 0}]
     plan = load_plan(write_job(tmp_path / "job.yaml", tiny_job(tmp_path, stages)))
-    [(_, init, note)] = fit_imports(plan, 10, tmp_path)
+    [(_, init, note)] = fit_imports(plan, source_files(plan), 10, tmp_path)
     assert note.endswith("the weights have 1000 classes, the data 10: the classifier head starts fresh")
     fitted = load_file(str(init.path))
     assert all(torch.equal(fitted[k], hub[k]) for k in fitted) and fitted.keys() == hub.keys() - set(init.fresh)
-    assert import_digests(plan, fetch=False).keys() == {source}
+    assert source_files(plan, fetch=False).keys() == {source}
 
 
 def write_bad(tmp_path: Path, init, **stage) -> Path:
@@ -271,9 +273,9 @@ def test_a_timm_hub_file_is_read_from_the_cache_and_loaded_as_timm_loads_it(tmp_
     stage = {"name": "teacher", "model": "timm:vit_tiny_patch16_224", "init": f"timm:{name}", "epochs": 0}
     stage["model_args"] = {"img_size": 32, "depth": 2}
     plan = load_plan(write_job(tmp_path / "job.yaml", tiny_job(tmp_path, [stage])))
-    [(_, init, note)] = fit_imports(plan, 10, tmp_path)
+    [(_, init, note)] = fit_imports(plan, source_files(plan), 10, tmp_path)
     assert note.endswith("the weights have 1000 classes, the data 10: the classifier head starts fresh")
     fitted = load_file(str(init.path))
     assert fitted["pos_embed"].shape == (1, 1 + 2 * 2, 192)  # 32 px in 16 px patches, and the class token
     assert torch.equal(fitted["cls_token"], hub["cls_token"]) and set(init.fresh) == {"head.weight", "head.bias"}
-    assert import_digests(plan, fetch=False).keys() == {f"timm:{name}"}
+    assert source_files(plan, fetch=False).keys() == {f"timm:{name}"}

@@ -39,7 +39,7 @@ def enter_storage(args: argparse.Namespace) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from kdpipe.plan import load_plan
 
-    plan = load_plan(args.job, settings=args.settings)
+    plan = load_plan(args.job, settings=args.settings, check_models=True)
     order = " -> ".join(plan.order)
     console.print(f"{args.job}: ok, {len(plan.order)} stages in order: {order}", highlight=False, soft_wrap=True)
     return 0
@@ -48,7 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from kdpipe.plan import load_plan
 
-    plan = load_plan(args.job, settings=args.settings)
+    plan = load_plan(args.job, settings=args.settings, check_models=True)
     if args.tracking_uri:
         plan.job.tracking.uri = args.tracking_uri
     for name in args.force:

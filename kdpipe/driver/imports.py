@@ -8,7 +8,7 @@ it started, and a file every node reads the way it reads a teacher's weights.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,15 +62,21 @@ def source_file(init: InitSpec, where: str, cache: Path, tracking_uri: str, fetc
     return weights_file(folder, where) if folder else None
 
 
-def import_digests(plan: Plan, fetch: bool = True) -> dict[str, str]:
-    """Each imported source's content digest, by its `init.weights`. `fetch=False` (status, report) downloads
-    nothing: a hub file not in the cache yet has no digest, and what learns from it no fingerprint."""
-    digests, cache = {}, cache_folder(plan.job)
+def source_files(plan: Plan, fetch: bool = True) -> dict[str, Path]:
+    """Each imported source's local file, by its `init.weights`, each fetched once. `fetch=False` (status, report)
+    downloads nothing: a remote source not in the cache yet is left out."""
+    files, cache = {}, cache_folder(plan.job)
     for weights, where in plan.imports().items():
         file = source_file(InitSpec(weights=weights), where, cache, plan.job.tracking.uri, fetch)
         if file is not None:
-            digests[weights] = file_digest(file)
-    return digests
+            files[weights] = file
+    return files
+
+
+def import_digests(files: Mapping[str, Path]) -> dict[str, str]:
+    """Each source's content digest, by its `init.weights`: what the fingerprints hold of it (a source without one
+    gives the stages that learn from it no fingerprint)."""
+    return {weights: file_digest(file) for weights, file in files.items()}
 
 
 def expected_input(init: InitSpec, spec: StageSpec, where: str) -> ModelInput | None:
@@ -84,11 +90,14 @@ def expected_input(init: InitSpec, spec: StageSpec, where: str) -> ModelInput | 
     return None
 
 
-def fit_imports(plan: Plan, num_classes: int, folder: Path) -> Iterator[tuple[str, InitFile, str]]:
-    """Each importing stage's weights fitted to its model, written under `folder`: (stage, file, note), where the
+def fit_imports(
+    plan: Plan, files: Mapping[str, Path], num_classes: int, folder: Path
+) -> Iterator[tuple[str, InitFile, str]]:
+    """Each importing stage's weights (its source's file in `files`) fitted to its model, written under `folder`:
+    (stage, file, note), where the
     note says the head starts fresh ("" when it does not). Stages sharing a source, a model and whether they
     import or fine-tune share a file."""
-    cache, fitted = cache_folder(plan.job), {}
+    fitted = {}
     for i, spec in enumerate(plan.job.stages):
         init = spec.init
         if init is None:
@@ -96,9 +105,9 @@ def fit_imports(plan: Plan, num_classes: int, folder: Path) -> Iterator[tuple[st
         where = f"stages[{i}].init.weights"
         key = (init.weights, spec.model, json.dumps(spec.model_args, sort_keys=True), spec.epochs == 0)
         if key not in fitted:
-            source = source_file(init, where, cache, plan.job.tracking.uri)
+            source = files[init.weights]
             model = build_model(spec.model, num_classes, spec.model_args)
-            head = head_keys(spec.model, num_classes, spec.model_args)
+            head = head_keys(model, spec.model, num_classes, spec.model_args)
             weights = timm_state(init.ref, source, spec.model_args) if init.kind == "timm" else read_state(source)
             state, fresh, note = fit_state(model, head, weights, where)
             path = folder / str(len(fitted)) / WEIGHTS_FILE

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdpipe.driver.imports import import_digests
+from kdpipe.driver.imports import import_digests, source_files
 from kdpipe.plan import Plan
 
 if TYPE_CHECKING:  # the results themselves need no MLflow: `kdpipe run` computes them from its outcomes
@@ -44,7 +44,7 @@ def finished_metrics(plan: Plan, tracker: Tracker, experiment_id: str) -> dict[s
     """Each planned stage's final metrics from the run `kdpipe run` would reuse; None where there is none yet."""
     from kdpipe.worker import artifacts
 
-    prints = plan.current_fingerprints(import_digests(plan, fetch=False))
+    prints = plan.current_fingerprints(import_digests(source_files(plan, fetch=False)))
     found = {name: None for name in plan.stages}
     for name in prints:
         result = tracker.find_finished_stage(experiment_id, prints[name], artifacts.FINAL_WEIGHTS)

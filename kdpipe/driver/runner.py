@@ -86,7 +86,7 @@ def run_job(
     everything downstream of them in new MLflow runs (the old runs and their artifacts stay). Imported weights are
     fetched and fitted first (`on_note` hears of a head that starts fresh). Ray starts only once a stage has to
     train."""
-    from kdpipe.driver.imports import fit_imports, import_digests
+    from kdpipe.driver.imports import fit_imports, import_digests, source_files
     from kdpipe.driver.launcher import RayLauncher
     from kdpipe.driver.mlflow_records import MlflowRecords, data_ref
     from kdpipe.tracking.store import Tracker
@@ -94,7 +94,8 @@ def run_job(
     data, tracker = prepare_data(plan.job.data), Tracker(plan.job.tracking.uri)
     with tempfile.TemporaryDirectory(prefix="kdpipe-init-") as folder:
         inits, notes = {}, {}
-        for name, init, note in fit_imports(plan, data.num_classes, Path(folder)):
+        files = source_files(plan)
+        for name, init, note in fit_imports(plan, files, data.num_classes, Path(folder)):
             inits[name], notes[note] = init, None
         for note in filter(None, notes):
             if on_note:
@@ -102,7 +103,7 @@ def run_job(
         experiment = tracker.experiment_id(plan.job.tracking.experiment)
         launcher = RayLauncher(plan.job, tracker.uri, experiment, verbose)
         records = MlflowRecords(tracker, experiment, data_ref(plan.job.data, data.identity))
-        runner = JobRunner(plan, data, records, launcher, import_digests(plan), inits)
+        runner = JobRunner(plan, data, records, launcher, import_digests(files), inits)
         try:
             return runner.run(force, on_poll, on_stall)
         finally:

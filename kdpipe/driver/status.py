@@ -7,7 +7,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from kdpipe.driver.imports import import_digests
+from kdpipe.driver.imports import import_digests, source_files
 from kdpipe.driver.state import StageState
 from kdpipe.plan import Plan
 from kdpipe.tracking.lease import run_is_live
@@ -31,7 +31,7 @@ class StageStatus:
 
 
 def job_status(plan: Plan, tracker: Tracker, experiment_id: str) -> list[StageStatus]:
-    prints = plan.current_fingerprints(import_digests(plan, fetch=False))
+    prints = plan.current_fingerprints(import_digests(source_files(plan, fetch=False)))
     job_run = tracker.latest_job_run(experiment_id, plan.job.name)
     tags = job_run.data.tags if job_run else {}
     rows = []

@@ -60,13 +60,12 @@ def build_model(name: str, num_classes: int, args: Mapping[str, Any] | None = No
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **args)
 
 
-def head_keys(name: str, num_classes: int, args: Mapping[str, Any] | None = None) -> set[str]:
-    """The state-dict keys whose shapes follow the number of classes (the classifier head), found by building the
-    model for one class more. (On the CPU: the meta device would spare the initialisation, but its first use
-    imports seconds of torch, and RegNet's constructor cannot run there.)"""
-    ours = build_model(name, num_classes, args).state_dict()
+def head_keys(model: nn.Module, name: str, num_classes: int, args: Mapping[str, Any] | None = None) -> set[str]:
+    """The state-dict keys of `model` (`name` built for `num_classes`) whose shapes follow the number of classes
+    (the classifier head), found by building it for one class more. (On the CPU: the meta device would spare the
+    initialisation, but its first use imports seconds of torch, and RegNet's constructor cannot run there.)"""
     other = build_model(name, num_classes + 1, args).state_dict()
-    return {key for key, value in ours.items() if value.shape != other[key].shape}
+    return {key for key, value in model.state_dict().items() if value.shape != other[key].shape}
 
 
 def save_weights(

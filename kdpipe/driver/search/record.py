@@ -20,11 +20,11 @@ from kdpipe.worker.task import StageTask
 CHOSEN = "search.best."  # the stage run's params: the values of its best trial, whose weights it holds
 
 
-def record_search(search: SearchTask, trial_ids: set[str], failures: list[str]) -> dict[str, Any]:
+def record_search(search: SearchTask, trial_ids: set[str], last_failure: str) -> dict[str, Any]:
     """The best completed trial becomes the stage's result: its weights and final metrics in the stage's run, its
     values as params and `search/best.json`, its run id as a tag; the two plots; trial runs Tune never recorded
     (started by a driver killed before Tune saved them) are deleted, so the search keeps exactly its trials. With
-    no trial completed, the search fails in one line with the last of its trials' `failures`."""
+    no trial completed, the search fails in one line with its trials' `last_failure` ("" if none failed)."""
     task, spec = search.stage, search.spec
     tracker = Tracker(task.tracking_uri)
     runs = tracker.trial_runs(search.experiment_id, task.run_id)
@@ -33,7 +33,7 @@ def record_search(search: SearchTask, trial_ids: set[str], failures: list[str]) 
     runs = [run for run in runs if trial_id_of(run) in trial_ids]
     finished = [run for run in runs if run.info.status == "FINISHED" and spec.metric in run.data.metrics]
     if not finished:
-        last = f" (the last failure: {failures[-1]})" if failures else ""
+        last = f" (the last failure: {last_failure})" if last_failure else ""
         raise UserError(f"search: none of its {len(runs)} trials completed{last}; see the trial runs in MLflow")
     sign = 1 if spec.mode == "max" else -1
     best = max(finished, key=lambda run: sign * run.data.metrics[spec.metric])

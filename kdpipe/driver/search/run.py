@@ -107,5 +107,6 @@ def run_search(search: SearchTask, name: str) -> dict[str, Any]:
                 failure_config=tune.FailureConfig(max_failures=search.checkpoint.max_restarts),
             ),
         )
-    failures = [one_line(err) for err in tuner.fit().errors]
-    return record_search(search, {trial.trial_id for trial in tune.ExperimentAnalysis(path).trials}, failures)
+    errors = tuner.fit().errors
+    last_failure = one_line(errors[-1]) if errors else ""
+    return record_search(search, {trial.trial_id for trial in tune.ExperimentAnalysis(path).trials}, last_failure)
