@@ -56,6 +56,9 @@ class PlannedStage:
         resolved = self.resolved(self.source or self.spec)
         resolved.pop("seeds")
         resolved.pop("teacher_cache")
+        resolved.pop("register")  # where the model is published changes nothing it learns
+        if resolved["result"] == "last":  # absent for the default, as before the field existed
+            resolved.pop("result")
         if not resolved["model_args"]:  # absent when empty, as before the field existed
             resolved.pop("model_args")
         init = resolved.pop("init")

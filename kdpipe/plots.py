@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: workers have no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -119,6 +120,79 @@ def plot_report(results: list, baseline: str | None, title: str, path: Path) -> 
     graph.axis("off")
     graph.set_title("stages: teacher -> student", fontsize=9)
     figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def plot_confusion(counts, classes: list[str], title: str, path: Path) -> Path:
+    """Rows: the true class; columns: the predicted one; each row as a fraction of its images."""
+    totals = counts.sum(1, keepdims=True)
+    shares = counts / totals.clip(min=1)
+    side = min(3 + 0.35 * len(classes), 16)
+    figure, axes = plt.subplots(figsize=(side, side), dpi=120)
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(classes))
+    if len(classes) <= 40:
+        axes.set_xticks(ticks, classes, rotation=90, fontsize=7)
+        axes.set_yticks(ticks, classes, fontsize=7)
+    if len(classes) <= 12:
+        for (row, column), count in np.ndenumerate(counts):
+            colour = "white" if shares[row, column] > 0.5 else "black"
+            axes.text(column, row, str(count), ha="center", va="center", fontsize=7, color=colour)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def plot_reliability(bins: list[tuple[float, float, int]], ece: float, title: str, path: Path) -> Path:
+    """Accuracy against confidence per bin, bars on the diagonal of perfect calibration."""
+    width = 1 / len(bins)
+    centres = [width * (i + 0.5) for i in range(len(bins))]
+    accuracy = [acc if count else 0.0 for _, acc, count in bins]
+    figure, axes = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    axes.bar(centres, accuracy, width=width, edgecolor="black", label="accuracy")
+    axes.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("confidence")
+    axes.set_ylabel("accuracy")
+    axes.set_title(f"{title}\nECE {ece:.3f}")
+    axes.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def plot_tradeoff(results: list, title: str, path: Path) -> Path:
+    """Each stage's top-1 against its CPU latency at batch 1 (`kdpipe.driver.report.StageResult`s), an arrow from
+    each teacher to its students: how much accuracy each step down in cost gave up."""
+    figure, axes = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    where = {}
+    for result in results:
+        latency, top1 = result.mean("model/latency_ms"), result.mean("val/top1")
+        if latency is None or top1 is None or np.isnan(latency):
+            continue
+        where[result.stage] = (latency, top1)
+        axes.scatter([latency], [top1], s=30 + result.mean("model/params") ** 0.5 / 5, alpha=0.8)
+        axes.annotate(result.stage, (latency, top1), xytext=(5, 5), textcoords="offset points", fontsize=8)
+    for result in results:
+        for teacher in result.teachers:
+            if result.stage in where and teacher in where:
+                arrow = {"arrowstyle": "->", "color": "0.4", "shrinkA": 6, "shrinkB": 6}
+                axes.annotate("", where[result.stage], where[teacher], arrowprops=arrow)
+    axes.set_xscale("log")
+    axes.set_xlabel("CPU latency at batch 1 (ms, log scale)")
+    axes.set_ylabel("val top-1")
+    axes.set_title(f"{title}: accuracy against latency (marker area: parameters)", fontsize=9)
+    axes.grid(alpha=0.3, which="both")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -40,6 +40,7 @@ def ray_local():
     ray.shutdown()
 
 
+CHAIN_MODEL = "tiny-student"  # the registered model the chain's student becomes (test_deploy serves it)
 # A teacher -> assistant -> student chain on small synthetic data, all ZeRO-2: their optimizer state is partitioned
 # over the 2 ranks, which makes their interruption and resumption matter most (test_resume interrupts the student,
 # the last stage, so its rerun retrains nothing else; and retrains the teacher alone, through faults, to end where
@@ -61,6 +62,8 @@ CHAIN = [
         "method": "kd",
         "epochs": 2,
         "deepspeed": {"zero_stage": 2},
+        "result": "best",
+        "register": CHAIN_MODEL,
     },
 ]
 CHAIN_DATA = {"train_size": 512, "val_size": 128}

@@ -30,6 +30,7 @@ class MemoryRecords:
         self.runs: dict[str, dict] = {}
         self.ids = (f"run{n}" for n in itertools.count())
         self.reused: dict[str, str] = {}
+        self.published: list[tuple[str, str | None, str]] = []  # run, registered name, the run's status then
 
     def add(self, fingerprint: str, status: str, holder: str = "", checkpointed: bool = False) -> str:
         run_id = next(self.ids)
@@ -80,6 +81,9 @@ class MemoryRecords:
     def end(self, run_id, ok):
         self.runs[run_id].update(status="FINISHED" if ok else "FAILED", holder="")
         return {"val/top1": 0.5} if ok else {}
+
+    def publish(self, run_id, name):
+        self.published.append((run_id, name, self.runs[run_id]["status"]))
 
     def renew(self, run_ids):
         pass
@@ -157,6 +161,21 @@ def test_a_new_job_trains_teachers_before_students_and_a_rerun_reuses_everything
     rerun = run(plan, records, again)
     assert again.launched == [] and {o.status for o in rerun.values()} == {StageState.REUSED}
     assert records.reused == {name: outcomes[name].run_id for name in outcomes}
+
+
+def test_each_trained_stage_is_published_before_it_finishes_and_a_reused_one_when_it_registers(tmp_path):
+    """A stage's model is logged (and registered, with `register:`) while its run still runs: a finished run
+    always holds its model. A reused stage is published again only where it asks to be registered (its name may
+    be new); the MLflow layer keeps that from making a second version."""
+    stages = [dict(STAGES[0], register="teacher-model"), STAGES[1]]
+    plan = load_plan(write_job(tmp_path / "job.yaml", tiny_job(tmp_path, stages)))
+    records = MemoryRecords()
+    outcomes = run(plan, records, Launcher())
+    teacher, baseline = outcomes["teacher"].run_id, outcomes["baseline"].run_id
+    assert sorted(records.published) == sorted([(teacher, "teacher-model", "RUNNING"), (baseline, None, "RUNNING")])
+    records.published.clear()
+    run(plan, records, Launcher())
+    assert records.published == [(teacher, "teacher-model", "FINISHED")]
 
 
 def test_independent_stages_run_side_by_side(plan):

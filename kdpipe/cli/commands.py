@@ -4,6 +4,7 @@ its view. Heavy imports (torch, Ray, MLflow) happen inside each command, once it
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from kdpipe.cli.views import (
     chosen_values,
     console,
     err_console,
+    eval_table,
     jobs_table,
     methods_table,
     outcome_table,
@@ -21,6 +23,7 @@ from kdpipe.cli.views import (
 )
 from kdpipe.errors import UserError
 from kdpipe.startup import collector_paused
+from kdpipe.terminal import progress_bar
 
 
 def enter_storage(args: argparse.Namespace) -> None:
@@ -166,6 +169,82 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def stage_and_model(args: argparse.Namespace, tracker, plan) -> tuple[str, str]:
+    """The stage run and logged model JOB [STAGE] names: a job file and a stage, a stage's run id, or a
+    `models:/` URI (which has no stage run)."""
+    from kdpipe.driver.deploy import run_model, stage_model
+
+    if plan is not None:
+        if not args.stage:
+            raise UserError(f"STAGE: name a stage of {args.job}; its stages are: {', '.join(plan.order)}")
+        return stage_model(plan, tracker, args.stage)
+    if args.job.startswith("models:/"):
+        return "", args.job
+    return args.job, run_model(tracker, args.job)
+
+
+def model_source(args: argparse.Namespace):
+    """The plan (None unless JOB is a job file) and MLflow store of the model commands."""
+    from kdpipe.plan import load_plan
+    from kdpipe.tracking.store import Tracker
+
+    if Path(args.job).is_file():
+        plan = load_plan(args.job, settings=args.settings)
+        return plan, Tracker(plan.job.tracking.uri)
+    return None, Tracker(args.tracking_uri)
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    with collector_paused():
+        from kdpipe.driver.deploy import register_stage
+
+    plan, tracker = model_source(args)
+    if plan is None:
+        raise UserError(f"{args.job}: register needs the job file and a stage")
+    if not args.stage:
+        raise UserError(f"STAGE: name a stage of {args.job}; its stages are: {', '.join(plan.order)}")
+    run_id, version = register_stage(plan, tracker, args.stage, args.name, args.alias)
+    console.print(
+        f"registered run {run_id} as {args.name} version {version}, alias '{args.alias}': "
+        f"models:/{args.name}@{args.alias}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with collector_paused():
+        from kdpipe.driver.deploy import export_model
+        from kdpipe.models.export import FORMATS
+
+    if args.format not in FORMATS:
+        raise UserError(f"--format: expected one of {', '.join(FORMATS)}, got '{args.format}'")
+    plan, tracker = model_source(args)
+    _, model_uri = stage_and_model(args, tracker, plan)
+    path, difference = export_model(tracker, model_uri, args.format, args.out)
+    checked = "" if difference is None else f"; onnxruntime's largest logit difference from torch: {difference:.2e}"
+    console.print(f"wrote {path}{checked}", highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    with collector_paused():
+        from kdpipe.driver.deploy import evaluate_model
+
+    plan, tracker = model_source(args)
+    run_id, model_uri = stage_and_model(args, tracker, plan)
+    if not run_id:
+        raise UserError(f"{args.job}: eval logs under a stage's run; give the job file and stage, or the run id")
+    with progress_bar() as bar:
+        task = bar.add_task("evaluating", total=None)
+        progress = functools.partial(bar.update, task)
+        result, eval_run = evaluate_model(tracker, run_id, model_uri, args.data, args.split, progress)
+    print_table(eval_table(f"{args.data} ({args.split}), {len(result.labels)} images", result))
+    console.print(f"logged into eval run {eval_run} under stage run {run_id}", highlight=False, soft_wrap=True)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from kdpipe.methods import METHODS
 
@@ -230,4 +309,7 @@ COMMANDS = {
     "stop": cmd_stop,
     "methods": cmd_methods,
     "report": cmd_report,
+    "register": cmd_register,
+    "export": cmd_export,
+    "eval": cmd_eval,
 }

@@ -103,13 +103,62 @@ def build_parser() -> argparse.ArgumentParser:
         description="Every method a stage's 'method' may name: its parameters ('params' in the job file) with "
         "their defaults, how many teachers it takes, and the paper it implements.",
     )
+    add_model_commands(commands)
     add_cluster_commands(commands)
     return parser
 
 
-def add_job_or_run(parser: argparse.ArgumentParser) -> None:
-    """The JOB of `status` and `report`: a job file (with `--set`s) or a job run's id (in --tracking-uri)."""
-    parser.add_argument("job", help="the job file (YAML), or the MLflow run id of one run of the job")
+def add_model_commands(commands) -> None:
+    """register, export, eval: a finished stage's MLflow Model, after training."""
+    register = commands.add_parser(
+        "register",
+        help="register a finished stage's model in the MLflow Model Registry",
+        description="Create a version of registered model NAME from STAGE's logged model (the run 'kdpipe run' "
+        "would reuse), tagged with the job, stage, fingerprint, teachers and top-1, and give it an alias. A stage "
+        "already registered under NAME keeps its version. Serve it with: mlflow models serve -m "
+        "models:/NAME@candidate --env-manager local",
+    )
+    add_job_or_run(register, stage=True)
+    register.add_argument("name", help="the registered model's name")
+    register.add_argument("--alias", default="candidate", help="the alias the version gets (default: candidate)")
+    export = commands.add_parser(
+        "export",
+        help="write a finished stage's network as ONNX, TorchScript or safetensors",
+        description="Write the network of STAGE's logged model into OUT, with preprocessing.json (class names, "
+        "resize, crop, mean, std): each format takes the normalized N x 3 x crop x crop batch. ONNX has a dynamic "
+        "batch axis and is checked against onnxruntime (the largest logit difference is printed; above 1e-4 the "
+        "export fails); it needs the onnx extra. JOB may also be a stage's MLflow run id or a models:/ URI.",
+    )
+    add_job_or_run(export, stage=True)
+    export.add_argument("--format", default="onnx", help="onnx, torchscript or safetensors (default: onnx)")
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write")
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a finished stage's model on a split of any data set",
+        description="Run STAGE's logged model (preprocessing included, as served) over every image of a split of "
+        "--data, whose classes must be the model's (matched by name, in any order). Prints top-1, top-5, the "
+        "expected calibration error (15 bins) and each class's accuracy, and logs them, a confusion matrix and a "
+        "reliability diagram into an MLflow run nested under the stage's. JOB may also be a stage's run id.",
+    )
+    add_job_or_run(evaluate, stage=True)
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        metavar="SOURCE:PATH",
+        help="imagefolder:DIR (split folders of class folders), shards:DIR (written by 'kdpipe data shard'), "
+        "cifar:DIR or fashion-mnist:DIR",
+    )
+    evaluate.add_argument("--split", default="val", help="the split to read (default: val)")
+
+
+def add_job_or_run(parser: argparse.ArgumentParser, stage: bool = False) -> None:
+    """The JOB of `status`, `report` and the model commands: a job file (with `--set`s) or a run's id (in
+    --tracking-uri); `stage`: a STAGE of the job follows (omitted when JOB names a stage's run or model)."""
+    if stage:
+        parser.add_argument("job", help="the job file (YAML), a stage's MLflow run id, or a models:/ URI")
+        parser.add_argument("stage", nargs="?", help="the stage (required with a job file)")
+    else:
+        parser.add_argument("job", help="the job file (YAML), or the MLflow run id of one run of the job")
     parser.add_argument(
         "--tracking-uri",
         default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),

@@ -28,10 +28,11 @@ def table_of(title: str, columns: list[str], right: tuple[str, ...] = (), rows: 
 def outcome_table(job: str, outcomes: dict) -> Table:
     """The end of `kdpipe run`: each stage's status, result, time and run."""
     table = Table(title=f"kdpipe job '{job}'")
-    for column in ("stage", "method", "teachers", "status", "top-1", "top-5", "time", "MLflow run id"):
+    numbers = ("top-1", "top-5", "params", "ms (b1)", "time")
+    for column in ("stage", "method", "teachers", "status", *numbers, "MLflow run id"):
         table.add_column(
             column,
-            justify="right" if column in ("top-1", "top-5", "time") else "left",
+            justify="right" if column in numbers else "left",
             no_wrap=column == "MLflow run id",
             min_width=32 if column == "MLflow run id" else None,
         )
@@ -44,9 +45,24 @@ def outcome_table(job: str, outcomes: dict) -> Table:
             f"{o.status} (resumed)" if o.resumed else o.status,
             f"{o.metrics['val/top1']:.3f}" if "val/top1" in o.metrics else "-",
             f"{top5:.3f}" if top5 is not None else "-",
+            f"{o.metrics['model/params'] / 1e6:.2f}M" if "model/params" in o.metrics else "-",
+            f"{o.metrics['model/latency_ms']:.2f}" if "model/latency_ms" in o.metrics else "-",
             f"{o.seconds:.0f}s",
             o.run_id or "-",
         )
+    return table
+
+
+def eval_table(title: str, result) -> Table:
+    """`kdpipe eval`: the summary, then each class's accuracy (`kdpipe.driver.evaluation.Evaluation`)."""
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, value in result.metrics().items():
+        if not name.startswith("eval/class/"):
+            table.add_row(name.removeprefix("eval/"), f"{value:.4f}", style="bold")
+    for name, value in result.per_class().items():
+        table.add_row(name, f"{value:.4f}")
     return table
 
 

@@ -28,6 +28,19 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 SYNTHETIC_SHARDS = "shards"  # beside the generated "images" under `synthetic_root`
 
+# torchvision's `FashionMNIST.classes`, without importing torchvision (seconds) to read them.
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -46,6 +59,13 @@ class PreparedData:
     identity: str  # content identity: changes when the data changes, not when it moves
     train_count: int  # training samples (after `train_subset`)
     train_subset: int | None = None  # in-memory sources: only the first N training samples
+    classes: tuple[str, ...] = ()  # the class names, in label order (CIFAR's: `class_names`)
+
+
+def held_out_geometry(size: int) -> tuple[int | list[int], int]:
+    """The held-out resize (shorter side, or both sides) and centre crop (`shard_reader.geometry`): what a served
+    model repeats."""
+    return (int(size / 0.875), size) if size > 64 else ([size, size], size)
 
 
 def steps_per_epoch(prepared: PreparedData, batch_size: int, world: int) -> int:
@@ -74,7 +94,9 @@ def prepare_source(spec: DataSpec) -> PreparedData:
         classes = sorted(c.name for c in (path / "train").iterdir() if c.is_dir())
         count = sum(1 for c in classes for f in (path / "train" / c).iterdir() if f.is_file())
         identity = folder_identity(path)
-        return PreparedData("imagefolder", str(path), size, len(classes), "imagenet", identity, count)
+        return PreparedData(
+            "imagefolder", str(path), size, len(classes), "imagenet", identity, count, classes=tuple(classes)
+        )
     if spec.source == "cifar":  # torchvision's CIFAR format: always the full 50,000 training images
         folder = path / ("cifar-10-batches-py" if spec.classes == 10 else "cifar-100-python")
         if not folder.is_dir():
@@ -86,7 +108,18 @@ def prepare_source(spec: DataSpec) -> PreparedData:
     labels = fashion_mnist_file(path, FASHION_MNIST_FILES[1])
     with (gzip.open if labels.suffix == ".gz" else open)(labels, "rb") as f:
         count = int.from_bytes(f.read(8)[4:], "big")  # IDX header: magic number, then the item count
-    return PreparedData("fashion-mnist", str(path), size, 10, "fashion-mnist", identity, count)
+    names = FASHION_MNIST_CLASSES
+    return PreparedData("fashion-mnist", str(path), size, 10, "fashion-mnist", identity, count, classes=names)
+
+
+def class_names(prepared: PreparedData) -> tuple[str, ...]:
+    """The class names in label order; CIFAR's are read (by torchvision, as its training does) only when asked."""
+    if prepared.kind != "cifar":
+        return prepared.classes
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if prepared.num_classes == 10 else CIFAR100
+    return tuple(cls(prepared.path, train=False, download=False).classes)
 
 
 def files_identity(files: list[Path]) -> str:
@@ -134,7 +167,9 @@ def prepare_shards(spec: DataSpec) -> PreparedData:
         ) from None
     identity = hashlib.sha256(raw).hexdigest()
     normalization = manifest["normalization"]
-    return PreparedData("shards", location, spec.image_size, len(classes), normalization, identity, train_count)
+    return PreparedData(
+        "shards", location, spec.image_size, len(classes), normalization, identity, train_count, classes=tuple(classes)
+    )
 
 
 def data_identity(spec: DataSpec) -> str | None:

@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 from torchvision.transforms import v2
 
-from kdpipe.data import NORMALIZATION, PreparedData
+from kdpipe.data import NORMALIZATION, PreparedData, held_out_geometry
 from kdpipe.data.order import LOADER_CONTEXT, epoch_seed, loader_generator, own_random_stream
 from kdpipe.data.shards import IMAGE_EXTENSIONS, BadImage, decode_image, location_of, read_manifest
 from kdpipe.job.spec import DataSpec
@@ -120,16 +120,12 @@ def collate(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str
 def geometry(size: int, train: bool) -> v2.Compose:
     """ImageNet recipe (RandomResizedCrop + flip; resize + centre crop) above 64 px, CIFAR recipe below it, on
     uint8 image tensors: cropping first means only the crop is resized."""
-    if size > 64:
-        steps = (
-            [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
-            if train
-            else [v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size)]
-        )
-    else:
-        steps = [v2.Resize((size, size), antialias=True)]
-        if train:
-            steps += [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()]
+    if size > 64 and train:
+        return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+    resize, crop = held_out_geometry(size)
+    steps = [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
+    if train:
+        steps += [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()]
     return v2.Compose(steps)
 
 

@@ -11,20 +11,25 @@ from pathlib import Path
 
 from mlflow.entities import Run
 
+from kdpipe.data import PreparedData
+from kdpipe.driver.publish import classifier_config, model_costs
 from kdpipe.driver.records import Finished, Unfinished
 from kdpipe.job.spec import DataSpec
+from kdpipe.models import WEIGHTS_FILE
 from kdpipe.tracking import lease
 from kdpipe.tracking.lease import Lease, lease_seconds, run_is_live
+from kdpipe.tracking.logged_model import ALIAS, log_classifier, logged_model_uri, register
 from kdpipe.tracking.store import DataRef, Tracker
-from kdpipe.tracking.tags import TAG_VALUES
+from kdpipe.tracking.tags import TAG_FINGERPRINT, TAG_JOB, TAG_STAGE, TAG_TEACHER, TAG_VALUES
 from kdpipe.worker import artifacts
 
 
 class MlflowRecords:
     """`StageRecords` in an MLflow experiment."""
 
-    def __init__(self, tracker: Tracker, experiment_id: str, data: DataRef):
+    def __init__(self, tracker: Tracker, experiment_id: str, data: DataRef, prepared: PreparedData):
         self.tracker, self.experiment_id, self.uri, self.data = tracker, experiment_id, tracker.uri, data
+        self.prepared = prepared
         self.job = self.parent = ""
         self.renewed = time.monotonic()
 
@@ -85,6 +90,9 @@ class MlflowRecords:
         self.tracker.finish(run_id, "FINISHED" if ok else "FAILED")
         return self.tracker.latest_metrics(run_id)
 
+    def publish(self, run_id: str, name: str | None) -> None:
+        publish_stage(self.tracker, run_id, self.prepared, name)
+
     def renew(self, run_ids: list[str]) -> None:
         """A few times per lease."""
         if time.monotonic() - self.renewed < lease_seconds() / 3:
@@ -100,6 +108,37 @@ class MlflowRecords:
 
         log_report(self.tracker, self.parent, title, results, baseline, drawn)
         self.tracker.finish(self.parent, "FINISHED" if ok else "FAILED")
+
+
+def publish_stage(
+    tracker: Tracker, run_id: str, data: PreparedData, name: str | None, alias: str = ALIAS
+) -> int | None:
+    """A finished stage's weights as its run's MLflow Model (logged once, with its size and speed as metrics), and,
+    with a `name`, a version of that registered model tagged with the stage's job, fingerprint, teachers and
+    top-1; returns the version."""
+    model_uri = logged_model_uri(tracker.uri, run_id)
+    if model_uri is None:
+        with tracker.artifacts(run_id).downloaded(artifacts.WEIGHTS) as folder:
+            config, code, requirements = classifier_config(folder, data)
+            model_uri = log_classifier(tracker.uri, run_id, folder / WEIGHTS_FILE, config, code, requirements)
+            tracker.log_metrics(run_id, model_costs(folder, config["crop"]), step=0)
+    if not name:
+        return None
+    run = tracker.get_run(run_id)
+    run_tags, top1 = run.data.tags, result_top1(tracker, run)
+    teachers = sorted(key.removeprefix(f"{TAG_TEACHER}.") for key in run_tags if key.startswith(f"{TAG_TEACHER}."))
+    tags = {key: run_tags.get(key, "") for key in (TAG_JOB, TAG_STAGE, TAG_FINGERPRINT)}
+    tags |= {"kdpipe.teachers": ",".join(teachers), "val/top1": "" if top1 is None else f"{top1:.4f}"}
+    return register(tracker.uri, run_id, model_uri, name, tags, alias)
+
+
+def result_top1(tracker: Tracker, run: Run) -> float | None:
+    """The top-1 of the run's final weights: its last epoch's, or with `result: best` its best epoch's."""
+    best = run.data.metrics.get("best_epoch")
+    if best is None:
+        return run.data.metrics.get("val/top1")
+    history = tracker.metric_history(run.info.run_id, ["val/top1"])["val/top1"]
+    return next(value for step, value in history if step == int(best))
 
 
 def holder_of(run: Run) -> str:

@@ -62,6 +62,9 @@ class StageRecords(Protocol):
     def end(self, run_id: str, ok: bool) -> dict[str, float]:
         """End a stage run; its metrics, every epoch's included."""
 
+    def publish(self, run_id: str, name: str | None) -> None:
+        """A finished stage's weights as its run's model (once), and registered under `name` when given."""
+
     def renew(self, run_ids: list[str]) -> None:
         """Called on every poll with the runs this driver trains: their leases' heartbeat, when one is due."""
 

@@ -7,6 +7,7 @@ report shows what the job, as the file stands, has produced; a repeat not traine
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -17,10 +18,15 @@ from kdpipe.driver.imports import import_digests, source_files
 from kdpipe.plan import Plan
 
 if TYPE_CHECKING:  # the results themselves need no MLflow: `kdpipe run` computes them from its outcomes
+    from mlflow.entities import Run
+
     from kdpipe.tracking.store import Tracker
 
 REPORT = "report"  # the job run's folder for report.md and report.png
 METRICS = ("val/top1", "val/top5")
+# What each stage's model costs to serve (`kdpipe.models.profile`), logged as its model is.
+COSTS = ("model/params", "model/macs", "model/weights_bytes", "model/latency_ms", "model/images_per_second")
+THREADS = "model/threads"  # the CPU threads its timings ran on
 
 
 @dataclass(frozen=True)
@@ -40,16 +46,21 @@ class StageResult:
         return statistics.stdev(self.values[metric]) if len(self.seeds) > 1 else None
 
 
-def finished_metrics(plan: Plan, tracker: Tracker, experiment_id: str) -> dict[str, dict[str, float] | None]:
-    """Each planned stage's final metrics from the run `kdpipe run` would reuse; None where there is none yet."""
+def finished_runs(plan: Plan, tracker: Tracker, experiment_id: str) -> dict[str, Run | None]:
+    """Each planned stage's run that `kdpipe run` would reuse; None where there is none yet."""
     from kdpipe.worker import artifacts
 
     prints = plan.current_fingerprints(import_digests(source_files(plan, fetch=False)))
-    found = {name: None for name in plan.stages}
+    found: dict[str, Run | None] = {name: None for name in plan.stages}
     for name in prints:
-        result = tracker.find_finished_stage(experiment_id, prints[name], artifacts.FINAL_WEIGHTS)
-        found[name] = dict(result.data.metrics) if result else None
+        found[name] = tracker.find_finished_stage(experiment_id, prints[name], artifacts.FINAL_WEIGHTS)
     return found
+
+
+def finished_metrics(plan: Plan, tracker: Tracker, experiment_id: str) -> dict[str, dict[str, float] | None]:
+    """Each planned stage's final metrics from the run `kdpipe run` would reuse; None where there is none yet."""
+    runs = finished_runs(plan, tracker, experiment_id)
+    return {name: dict(run.data.metrics) if run else None for name, run in runs.items()}
 
 
 def job_results(plan: Plan, metrics: dict[str, dict[str, float] | None]) -> list[StageResult]:
@@ -71,7 +82,10 @@ def job_results(plan: Plan, metrics: dict[str, dict[str, float] | None]) -> list
                 tuple(stage.teachers),
                 tuple(seed for seed, _ in repeats),
                 len(plan.named(stage.name)),
-                {metric: tuple(metrics.get(metric, float("nan")) for _, metrics in repeats) for metric in METRICS},
+                {
+                    metric: tuple(metrics.get(metric, float("nan")) for _, metrics in repeats)
+                    for metric in (*METRICS, *COSTS, THREADS)
+                },
             )
         )
     return results
@@ -96,7 +110,11 @@ def gain(result: StageResult, baseline: StageResult | None) -> str:
 def report_rows(results: list[StageResult], baseline: str | None) -> tuple[list[str], list[list[str]]]:
     """The report as a header and rows of text: what the terminal, Markdown and the PNG all show."""
     base = next((r for r in results if r.stage == baseline), None)
-    header = ["stage", "method", "teachers", "seeds", "top-1", "top-5"]
+    by_name = {r.stage: r for r in results}
+    threads = next((int(r.mean(THREADS)) for r in results if r.seeds and not math.isnan(r.mean(THREADS))), None)
+    timed = f", {threads} threads" if threads else ""
+    cost_header = ["params", "MACs", "file", f"ms (b1{timed})", f"img/s (b64{timed})"]
+    header = ["stage", "method", "teachers", "seeds", "top-1", "top-5", "of teacher", *cost_header]
     if base is not None:
         header.append(f"gain over {base.stage} (points)")
     rows = []
@@ -108,15 +126,44 @@ def report_rows(results: list[StageResult], baseline: str | None) -> tuple[list[
             f"{len(result.seeds)}/{result.planned}",
             spread(result, "val/top1"),
             spread(result, "val/top5"),
+            of_teacher(result, by_name.get(result.teachers[0]) if result.teachers else None),
+            *costs(result),
         ]
         rows.append(row + ([gain(result, base)] if base is not None else []))
     return header, rows
 
 
+def of_teacher(result: StageResult, teacher: StageResult | None) -> str:
+    """The student's top-1 as a fraction of its (first) teacher's, mean against mean."""
+    if teacher is None or result.mean("val/top1") is None or not teacher.mean("val/top1"):
+        return ""
+    return f"{result.mean('val/top1') / teacher.mean('val/top1'):.3f}"
+
+
+def costs(result: StageResult) -> list[str]:
+    """Size and speed of the stage's model (the mean over its repeats: timings vary, sizes do not)."""
+    means = [result.mean(metric) for metric in COSTS]
+    if any(value is None or math.isnan(value) for value in means):
+        return ["-"] * len(COSTS)
+    params, macs, size, latency, throughput = means
+    return [count(params), count(macs), f"{size / 1e6:.2f} MB", f"{latency:.2f}", f"{throughput:.0f}"]
+
+
+def count(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
 def markdown(title: str, header: list[str], rows: list[list[str]]) -> str:
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    note = "Top-1 and top-5 on the held-out split: mean ± sample standard deviation over the seeds with a result."
+    note = (
+        "Top-1 and top-5 on the held-out split: mean ± sample standard deviation over the seeds with a result; "
+        "of teacher: top-1 as a fraction of the first teacher's. params, MACs per image, weight file, CPU "
+        "latency at batch 1 and throughput at batch 64 (median of several runs): each stage's model as logged."
+    )
     return "\n".join(lines + ["", note, ""])
 
 
@@ -130,8 +177,10 @@ def log_report(
         files = [Path(folder) / "report.md"]
         files[0].write_text(text)
         if plot:
-            from kdpipe.plots import plot_report  # matplotlib: a second or so to import
+            from kdpipe.plots import plot_report, plot_tradeoff  # matplotlib: a second or so to import
 
             files.append(plot_report(results, baseline, title, Path(folder) / "report.png"))
+            if any(r.mean("model/latency_ms") is not None for r in results):
+                files.append(plot_tradeoff(results, title, Path(folder) / "tradeoff.png"))
         tracker.artifacts(job_run).log_files(files, REPORT)
     return text

@@ -102,7 +102,7 @@ def run_job(
                 on_note(note)
         experiment = tracker.experiment_id(plan.job.tracking.experiment)
         launcher = RayLauncher(plan.job, tracker.uri, experiment, verbose)
-        records = MlflowRecords(tracker, experiment, data_ref(plan.job.data, data.identity))
+        records = MlflowRecords(tracker, experiment, data_ref(plan.job.data, data.identity), data)
         runner = JobRunner(plan, data, records, launcher, import_digests(files), inits)
         try:
             return runner.run(force, on_poll, on_stall)
@@ -187,6 +187,8 @@ class JobRunner:
             outcome.status, outcome.run_id, outcome.metrics = StageState.REUSED, found.run_id, found.metrics
             outcome.chosen = found.chosen
             self.records.mark_reused(outcome.name, found.run_id)
+            if self.plan.stages[outcome.name].spec.register:  # registered now if it was not when it ran
+                self.records.publish(found.run_id, self.plan.stages[outcome.name].spec.register)
             return
         unfinished = self.records.unfinished(outcome.fingerprint)
         if unfinished is None:
@@ -261,7 +263,14 @@ class JobRunner:
             init=InitRef(artifact_uri, init.fresh, init.wanted) if init else None,
         )
         outcome.status, outcome.seconds = StageState.RUNNING, time.perf_counter()
-        self.running[pool.submit(self.launcher.launch, task, stage)] = outcome.name
+        self.running[pool.submit(self.train, task, stage)] = outcome.name
+
+    def train(self, task: StageTask, stage: PlannedStage) -> dict[str, Any]:
+        """Launch the stage and wait for it (on a pool thread); then its model is published before it counts as
+        finished."""
+        chosen = self.launcher.launch(task, stage)
+        self.records.publish(task.run_id, stage.spec.register)
+        return chosen
 
     def claim(self, outcome: StageOutcome, config: dict, teacher_runs: dict[str, str]) -> bool:
         """Hold the stage's run (a new one, or the interrupted one to resume); False when another driver holds

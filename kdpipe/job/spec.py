@@ -7,6 +7,7 @@ non-finite floats and out-of-range numbers are validation errors (`kdpipe.job.lo
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -259,6 +260,10 @@ class InitSpec(Strict):
         return self.weights.split(":", 1)[1]
 
 
+# `register` is the name a user writes; it shadows only the `register` every class of abstract bases has.
+warnings.filterwarnings("ignore", 'Field name "register" in "StageSpec" shadows', UserWarning)
+
+
 class StageSpec(Strict):
     name: str = Field(pattern=NAME, max_length=100)
     model: str = Field(
@@ -285,6 +290,15 @@ class StageSpec(Strict):
         None, description="train this stage once per seed (default: the job's seeds); a teacher of one seed teaches all"
     )
     teacher_cache: TeacherCacheMode | None = Field(None, description="the job's teacher_cache for this stage alone")
+    result: Literal["last", "best"] = Field(
+        "last", description="the final weights: the last epoch's, or the best epoch's by val/top1"
+    )
+    register: str | None = Field(
+        None,
+        pattern=r"^[^/:'\"]+$",  # MLflow refuses / and :, and quotes would break its search filters
+        max_length=200,
+        description="register the stage's model under this name in the MLflow Model Registry",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> StageSpec:

@@ -8,9 +8,11 @@ importing them costs seconds, which a job of CIFAR ResNets never pays.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,25 +41,39 @@ def is_known_model(name: str) -> bool:
     return name in torchvision.models.list_models(module=torchvision.models)
 
 
-def build_model(name: str, num_classes: int, args: Mapping[str, Any] | None = None) -> nn.Module:
-    """A freshly initialised classifier with `num_classes` outputs, taking B x 3 x H x W images; `args` are the
-    constructor's other options (a ViT's `image_size` or `img_size`, ...)."""
+def constructor(name: str, num_classes: int, args: Mapping[str, Any] | None = None) -> Constructor:
+    """How to build `name`: the function (by module and name) and its keyword arguments, all plain values, so a
+    served model (`kdpipe.tracking.classifier_code`) rebuilds the network without kdpipe."""
     args = dict(args or {})
     match = _CIFAR.match(name)
     if match:
         if args:
             raise TypeError(f"{name} takes no model_args (got {', '.join(args)})")
-        depth, wide = int(match[1]), bool(match[2])
-        return CifarResNet(
-            depth, widths=(64, 128, 256) if wide else (16, 32, 64), stem=32 if wide else 16, num_classes=num_classes
-        )
+        wide = bool(match[2])
+        widths, stem = ([64, 128, 256], 32) if wide else ([16, 32, 64], 16)
+        kwargs = {"depth": int(match[1]), "widths": widths, "stem": stem, "num_classes": num_classes}
+        return Constructor(CifarResNet.__module__, CifarResNet.__name__, kwargs)
     if name.startswith(TIMM):
-        import timm
+        kwargs = {"model_name": name[len(TIMM) :], "pretrained": False, "num_classes": num_classes, **args}
+        return Constructor("timm", "create_model", kwargs)
+    kwargs = {"name": name, "weights": None, "num_classes": num_classes, **args}
+    return Constructor("torchvision.models", "get_model", kwargs)
 
-        return timm.create_model(name[len(TIMM) :], pretrained=False, num_classes=num_classes, **args)
-    import torchvision
 
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **args)
+@dataclass(frozen=True)
+class Constructor:
+    module: str
+    function: str
+    kwargs: dict[str, Any]
+
+    def build(self) -> nn.Module:
+        return getattr(importlib.import_module(self.module), self.function)(**self.kwargs)
+
+
+def build_model(name: str, num_classes: int, args: Mapping[str, Any] | None = None) -> nn.Module:
+    """A freshly initialised classifier with `num_classes` outputs, taking B x 3 x H x W images; `args` are the
+    constructor's other options (a ViT's `image_size` or `img_size`, ...)."""
+    return constructor(name, num_classes, args).build()
 
 
 def head_keys(model: nn.Module, name: str, num_classes: int, args: Mapping[str, Any] | None = None) -> set[str]:

@@ -9,6 +9,8 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # "Creating initial MLflow database tables...": a new sqlite store's set-up, not news for the user.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+# "Validating input example against model signature": each logged model's routine check.
+logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
 
 
 class TrackingError(Exception):

@@ -145,6 +145,18 @@ class Tracker:
         }
         return self._create_run(experiment_id, tags, config)
 
+    def start_eval_run(self, stage_run: str, data: str, split: str) -> str:
+        """A `kdpipe eval` of a stage's model, nested under the stage's run."""
+        stage = self.get_run(stage_run)
+        tags = {
+            TAG_KIND: "eval",
+            TAG_JOB: stage.data.tags.get(TAG_JOB, ""),
+            TAG_STAGE: stage.data.tags.get(TAG_STAGE, ""),
+            MLFLOW_PARENT_RUN_ID: stage_run,
+            MLFLOW_RUN_NAME: f"{stage.data.tags.get(TAG_STAGE, 'stage')} eval on {data} ({split})",
+        }
+        return self._create_run(stage.info.experiment_id, tags, {"data": data, "split": split}).info.run_id
+
     def _create_run(self, experiment_id: str, tags: dict[str, str], config: dict) -> Run:
         """A new run with these tags (its name among them) and the stage's config, flattened, as its params."""
         run = self.client.create_run(experiment_id, tags=tags, run_name=tags[MLFLOW_RUN_NAME])

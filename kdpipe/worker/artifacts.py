@@ -2,6 +2,8 @@
 
 init/                       where its weights started, when they came from elsewhere (`kdpipe.driver.imports`)
 weights/                    the stage's final weights (`kdpipe.models.save_weights`): what students learn from
+best/                       `result: best`: the weights of the best epoch so far, which become weights/ at the end
+model/                      the final weights as an MLflow Model (`kdpipe.tracking.logged_model`), by the driver
 peers/<name>/               the same for each network trained beside the student (DML, DCM)
 checkpoints/step-N/         full training state (`kdpipe.worker.checkpoint`), the newest `checkpoint.keep` of them
 teachers/probe.safetensors  each teacher's outputs on a fixed held-out batch, as this stage loaded it
@@ -15,6 +17,7 @@ from kdpipe.tracking.files import RunArtifacts
 from kdpipe.worker.checkpoint import POSITION
 
 WEIGHTS, PEERS, CHECKPOINTS, TEACHERS, PLOTS, INIT = "weights", "peers", "checkpoints", "teachers", "plots", "init"
+BEST = "best"
 PROBE_FILE = "probe.safetensors"
 SEARCH_BEST = "search/best.json"
 FINAL_WEIGHTS = f"{WEIGHTS}/{WEIGHTS_FILE}"  # a stage run with this file is a result students can learn from

@@ -43,6 +43,7 @@ deepspeed.ops.__compatible_ops__ = {}
 # autocast's lists say. DeepSpeed's own bf16/fp16 modes cast every parameter instead: BatchNorm then falls off
 # cuDNN (far slower than the bare loop on a GPU, bench/results/) and fp16 BatchNorm does not learn at all.
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOP1 = "val/top1"  # the held-out metric stages are compared by
 
 
 @contextlib.contextmanager
@@ -149,7 +150,7 @@ def evaluate(model: nn.Module, data: StageData, device: torch.device, dtype: tor
         hits = logits.topk(k, 1).indices == labels.to(device)[:, None]
         totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
     top1, topk, count = sum_over_ranks(totals).tolist()
-    return {"val/top1": top1 / max(count, 1), f"val/top{k}": topk / max(count, 1)}
+    return {TOP1: top1 / max(count, 1), f"val/top{k}": topk / max(count, 1)}
 
 
 class Engine:

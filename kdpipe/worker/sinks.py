@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import ray.train
@@ -29,7 +30,7 @@ from kdpipe.worker.checkpoint import (
     read_state,
     write_state,
 )
-from kdpipe.worker.engine import Engine
+from kdpipe.worker.engine import TOP1, Engine
 from kdpipe.worker.progress import report_progress
 from kdpipe.worker.task import StageTask
 from kdpipe.worker.tracking_actor import ActorTracker
@@ -117,6 +118,28 @@ class RunLog:
                 self.files.log_files([path], artifacts.PLOTS)
 
 
+class BestEpoch:
+    """`result: best`: around the epoch log, rank 0 keeps the student's weights of its best epoch so far by
+    `val/top1` in the run (`best/`), and the epoch as the metric `best_epoch`. Both live in the run, so a resumed
+    stage compares against the epochs it trained before; a tie keeps the earlier epoch."""
+
+    def __init__(self, log: RunLog, save: Callable[[], None]):
+        self.log, self.save, self.best = log, save, None
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float], method_values: dict[str, float]) -> None:
+        self.log.log_epoch(epoch, metrics, method_values)
+        tracker = self.log.tracker
+        if tracker is None:
+            return
+        if self.best is None:
+            history = tracker.metric_history(self.log.run_id, [TOP1])[TOP1]
+            self.best = max((value for step, value in history if step < epoch), default=-1.0)
+        if metrics[TOP1] > self.best:
+            self.best = metrics[TOP1]
+            self.save()
+            tracker.log_metrics(self.log.run_id, {"best_epoch": epoch}, step=epoch)
+
+
 class BoardProgress:
     """The engine's progress reporter: rank 0 tells the driver's progress board (fire and forget)."""
 
@@ -131,4 +154,4 @@ class BoardProgress:
     def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         if self.rank == 0:
             fields = {"epoch": epoch + 1, "epochs": self.stage.epochs, "step": 0, "steps": 1}
-            report_progress(self.job, self.stage.name, top1=metrics["val/top1"], **fields)
+            report_progress(self.job, self.stage.name, top1=metrics[TOP1], **fields)

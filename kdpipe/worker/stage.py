@@ -27,7 +27,7 @@ from kdpipe.tracking.files import RunArtifacts
 from kdpipe.tracking.tags import TAG_NODE
 from kdpipe.worker import artifacts
 from kdpipe.worker.engine import PRECISIONS, Engine, autocast, evaluate
-from kdpipe.worker.sinks import BoardProgress, RunLog, StageCheckpoints
+from kdpipe.worker.sinks import BestEpoch, BoardProgress, RunLog, StageCheckpoints
 from kdpipe.worker.task import InitRef, StageTask, TeacherRef
 from kdpipe.worker.teacher_cache import CachedTeacher, Exact, TeacherCache, TeacherCaches, TopK
 from kdpipe.worker.tracking_actor import ActorTracker
@@ -64,7 +64,7 @@ def import_stage(task: StageTask, student: nn.Module, data: StageData, device: t
     if rank == 0:
         ActorTracker(task.job).log_metrics(task.run_id, metrics, step=0)
         files = RunArtifacts(task.artifact_uri, task.tracking_uri)
-        save_final_weights(files, stage.model, student, data.num_classes, args=stage.model_args, wanted=wanted)
+        save_final_weights(files, stage.model, student, data.num_classes, artifacts.WEIGHTS, stage.model_args, wanted)
 
 
 def cached_teachers(
@@ -98,14 +98,15 @@ def save_final_weights(
     model: str,
     network: nn.Module,
     num_classes: int,
-    peer: str = "",
+    to: str,
     args: dict | None = None,
     wanted: ModelInput | None = None,
 ) -> None:
-    """A network's weights (the stage's, or a peer's): safetensors and the facts needed to rebuild the module."""
+    """A network's weights (the stage's, its best epoch's, or a peer's) into the run's folder `to`: safetensors
+    and the facts needed to rebuild the module."""
     with tempfile.TemporaryDirectory() as folder:
         save_weights(network, model, num_classes, Path(folder), args, wanted)
-        files.log_folder(Path(folder), artifacts.weights_folder(peer))
+        files.log_folder(Path(folder), to)
 
 
 def stage_loop(task: StageTask) -> None:
@@ -141,11 +142,21 @@ def stage_loop(task: StageTask) -> None:
     sink = StageCheckpoints(task, files, tracker, engine)
     start = sink.restore()
     log, progress = RunLog(tracker, files, task.run_id, stage), BoardProgress(task.job, stage, rank)
+
+    def save_student(to: str) -> None:
+        save_final_weights(files, stage.model, engine.method.student, data.num_classes, to, stage.model_args)
+
+    if stage.result == "best":
+        log = BestEpoch(log, lambda: save_student(artifacts.BEST))
     engine.train(data, start, sink, log, progress, TeacherCaches(cached))
     if rank == 0:  # after the loop: a stage resumed from its very last checkpoint still stores its weights
-        save_final_weights(files, stage.model, engine.method.student, data.num_classes, args=stage.model_args)
+        if stage.result == "best":
+            with files.downloaded(artifacts.BEST) as best:
+                files.log_folder(best, artifacts.WEIGHTS)
+        else:
+            save_student(artifacts.WEIGHTS)
         for peer, (model, network) in engine.method.peers().items():
-            save_final_weights(files, model, network, data.num_classes, peer)
+            save_final_weights(files, model, network, data.num_classes, artifacts.weights_folder(peer))
 
 
 @torch.inference_mode()
