@@ -61,4 +61,4 @@ def test_a_job_over_two_seeds_trains_each_student_from_its_own_seeds_teacher(two
     assert f"{gain:+.2f}" in (path.parent / "report.md").read_text()
     job_run = tracker.latest_job_run(tracker.experiment_id("tests"), "tiny").info.run_id
     logged = {a.path for a in tracker.client.list_artifacts(job_run, REPORT)}
-    assert logged == {f"{REPORT}/report.md", f"{REPORT}/report.png"}
+    assert logged == {f"{REPORT}/report.md", f"{REPORT}/report.png", f"{REPORT}/tradeoff.png"}

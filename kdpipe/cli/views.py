@@ -12,8 +12,8 @@ err_console = Console(stderr=True)
 
 
 def print_table(table: Table) -> None:
-    # Logs and CI are not terminals (rich assumes 80 columns there): keep the run ids whole.
-    (console if console.is_terminal else Console(width=140)).print(table)
+    # Logs and CI are not terminals (rich assumes 80 columns there): keep run ids and the report's cells whole.
+    (console if console.is_terminal else Console(width=200)).print(table)
 
 
 def table_of(title: str, columns: list[str], right: tuple[str, ...] = (), rows: list[list[str]] = ()) -> Table:
