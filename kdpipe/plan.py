@@ -24,7 +24,7 @@ from kdpipe.job.dotted import PathError, get_at, set_at
 from kdpipe.job.load import load_job
 from kdpipe.job.spec import JobSpec, StageSpec, TeacherCacheMode
 from kdpipe.methods import METHODS, get_method, parse_params
-from kdpipe.models import build_model, is_known_model
+from kdpipe.models import build_model, is_known_model, shapes_only
 from kdpipe.models.sources import STATE_SUFFIXES, timm_config, torchvision_weights
 
 
@@ -165,7 +165,8 @@ class BlankModels:
     def __call__(self, spec: StageSpec) -> nn.Module:
         key = (spec.model, json.dumps(spec.model_args, sort_keys=True))
         if key not in self.built:
-            self.built[key] = build_model(spec.model, self.classes, spec.model_args)
+            with shapes_only():
+                self.built[key] = build_model(spec.model, self.classes, spec.model_args)
         return self.built[key]
 
     def build(self, spec: StageSpec, where: str) -> None:

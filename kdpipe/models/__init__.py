@@ -8,14 +8,16 @@ importing them costs seconds, which a job of CIFAR ResNets never pays.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -74,6 +76,32 @@ def build_model(name: str, num_classes: int, args: Mapping[str, Any] | None = No
     """A freshly initialised classifier with `num_classes` outputs, taking B x 3 x H x W images; `args` are the
     constructor's other options (a ViT's `image_size` or `img_size`, ...)."""
     return constructor(name, num_classes, args).build()
+
+
+# torch's initialisers, by name: what a model built for its shapes alone skips.
+INITIALISERS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_", "xavier_uniform_",
+    "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Models built to check a job (their shapes, their features' shapes) rather than to train: torch's
+    initialisers write zeros instead of drawing random numbers, most of the second a ViT-B takes to build."""
+
+    def zeros(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return tensor.zero_()
+
+    saved = {name: getattr(torch.nn.init, name) for name in INITIALISERS}
+    for name in saved:
+        setattr(torch.nn.init, name, zeros)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def head_keys(model: nn.Module, name: str, num_classes: int, args: Mapping[str, Any] | None = None) -> set[str]:
