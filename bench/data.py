@@ -5,9 +5,10 @@ Both readers read the same images with the same worker count, batch size and tra
 (RandomResizedCrop + flip), in one process, one after the other, warm page cache for both, and every batch is made
 the model's input on `--device` (normalized float32, as the engine receives it; on a GPU from page-locked memory);
 each is timed over full epochs (a new loader each epoch, as in a stage), alternating, and its best epoch counts.
-Prints the ratio shard / ImageFolder. `--copies` stores each JPEG that many times under other names: epochs long
-enough for many loader workers without minutes of making images. The decoders decode and crop the same JPEG bytes in
-this process, one thread, alternating, best of 3.
+Prints the ratio shard / ImageFolder, and the shard reader's with images decoded and augmented where the model
+runs (`data.decode: gpu`, the workers reading bytes) against its own in the loader workers. `--copies` stores each
+JPEG that many times under other names: epochs long enough for many loader workers without minutes of making
+images. The decoders decode and crop the same JPEG bytes in this process, one thread, alternating, best of 3.
 
     .venv/bin/python bench/data.py [--images 2000] [--size 160] [--crop 128] [--workers 2] [--batch 64]
     python bench/data.py --device cuda --images 4000 --copies 8 --size 320 --crop 224 --workers 16 --batch 256
@@ -89,8 +90,10 @@ def main() -> None:
                 shutil.copyfile(path, path.with_name(f"{path.stem}-{copy}.jpg"))
         convert(root / "jpegs", root / "shards", shard_size=250, workers=args.workers)
         common = {"image_size": args.crop, "batch_size": args.batch, "loader_workers": args.workers}
+        shards = {"source": "shards", "path": str(root / "shards"), **common}
         specs = {
-            "shards": DataSpec(source="shards", path=str(root / "shards"), **common),
+            "shards": DataSpec(**shards, decode="cpu"),
+            "shards, decoded where the model runs": DataSpec(**shards, decode="gpu"),
             "imagefolder": DataSpec(source="imagefolder", path=str(root / "jpegs"), **common),
         }
         for spec in specs.values():
@@ -107,8 +110,10 @@ def main() -> None:
         f"inputs on {args.device}"
     )
     for name, rate in best.items():
-        print(f"  {name:12s} {rate:8.0f} images/s")
+        print(f"  {name:38s} {rate:8.0f} images/s")
     print(f"ratio shards / imagefolder: {best['shards'] / best['imagefolder']:.2f}")
+    on_device = best["shards, decoded where the model runs"] / best["shards"]
+    print(f"ratio decoded on {args.device} / in the workers: {on_device:.2f}")
     print(f"decode + crop of {len(jpegs)} of the JPEGs, one thread:")
     for name, rate in decoders.items():
         print(f"  {name:22s} {rate:8.0f} images/s")

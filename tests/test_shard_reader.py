@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from kdpipe.data import NORMALIZATION, prepare_data
+from kdpipe.data.device_decode import EncodedBatch
 from kdpipe.data.loaders import open_data
 from kdpipe.data.shard_reader import BadDataError, cut_ranges, range_lengths
 from kdpipe.data.shards import read_manifest
@@ -111,16 +112,19 @@ def test_a_bad_image_fails_the_epoch_naming_the_shard(jpeg_shards, tmp_path):
             pass
 
 
-def test_skip_counts_bad_samples_and_keeps_every_batch(jpeg_shards, tmp_path):
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_skip_counts_bad_samples_and_keeps_every_batch(jpeg_shards, tmp_path, decode):
+    """A garbled image (its header intact: on the device path its worker passes it, the decoder then fails) and a
+    lost shard, skipped and counted."""
     folder = Path(shutil.copytree(jpeg_shards, tmp_path / "copy"))
     garble_image(train_shard(folder, 3), 7)
     lost = train_shard(folder, 5)
     lost_count = read_manifest(folder)["splits"]["train"]["shards"][5]["count"]
     lost.unlink()
-    spec = shard_spec(folder, loader_workers=2, bad_samples="skip")
+    spec = shard_spec(folder, loader_workers=2, bad_samples="skip", decode=decode)
     reader = open_data(prepare_data(spec), spec, 0, 0, 1)
-    batches = list(reader.train_batches(0))
-    assert len(batches) == 64 and all(len(labels) == 32 for _, labels in batches)
+    batches = [(reader.inputs(images, torch.device("cpu")), labels) for images, labels in reader.train_batches(0)]
+    assert len(batches) == 64 and all(len(labels) == len(images) == 32 for images, labels in batches)
     assert reader.skipped == 1 + lost_count
     assert sum(len(labels) for _, labels in reader.val_batches()) == 352 and reader.skipped == 1 + lost_count
 
@@ -165,3 +169,22 @@ def test_shards_read_from_a_url_as_from_the_folder(jpeg_shards, http_server):
 def test_urls_that_would_run_a_shell_or_are_unknown_are_refused(path):
     with pytest.raises(ValueError, match="expected a folder or a https/http/gs/s3 URL"):
         shard_spec(path)
+
+
+@pytest.mark.parametrize(("size", "workers"), [(24, 0), (80, 2)])  # CIFAR's recipe in-process; ImageNet's, 2 workers
+def test_decoding_where_the_model_runs_gives_the_loader_workers_views(jpeg_shards, size, workers):
+    """`data.decode: gpu` on the CPU: workers read bytes and draw each view's choices, the training process decodes
+    and augments whole batches, and every training and held-out input equals the CPU path's; a resumed epoch
+    replays the same views from its step on."""
+    cpu, device = (shard_spec(jpeg_shards, image_size=size, loader_workers=workers, decode=d) for d in ("cpu", "gpu"))
+    prepared, here = prepare_data(cpu), torch.device("cpu")
+    readers = {spec.decode: open_data(prepared, spec, 0, 1, 2) for spec in (cpu, device)}
+    assert isinstance(next(readers["gpu"].train_batches(1))[0], EncodedBatch)  # bytes out of the workers
+    epochs = {d: [r.inputs(x, here) for x, _ in r.train_batches(1)] for d, r in readers.items()}
+    assert len(epochs["gpu"]) == len(epochs["cpu"]) == readers["cpu"].steps_per_epoch(1)
+    for a, b in zip(epochs["cpu"], epochs["gpu"], strict=True):
+        assert torch.equal(a, b)
+    resumed = [readers["gpu"].inputs(x, here) for x, _ in readers["gpu"].train_batches(1, start=5)]
+    assert all(torch.equal(a, b) for a, b in zip(resumed, epochs["cpu"][5:], strict=True))
+    held_out = {d: [r.inputs(x, here) for x, _ in r.val_batches()] for d, r in readers.items()}
+    assert all(torch.equal(a, b) for a, b in zip(held_out["cpu"], held_out["gpu"], strict=True))

@@ -62,6 +62,14 @@ class PreparedData:
     classes: tuple[str, ...] = ()  # the class names, in label order (CIFAR's: `class_names`)
 
 
+def decodes_on_cuda(spec: DataSpec) -> bool:
+    """Shards decoded and augmented on a CUDA device (`data.decode`): the same views as the loader workers', but by
+    its own resizing kernels, which differ from the CPU's in the last bits."""
+    import torch  # the driver asks too, and imports no torch for it otherwise
+
+    return spec.source in ("shards", "synthetic") and spec.decode != "cpu" and torch.cuda.is_available()
+
+
 def held_out_geometry(size: int) -> tuple[int | list[int], int]:
     """The held-out resize (shorter side, or both sides) and centre crop (`shard_reader.geometry`): what a served
     model repeats."""

@@ -19,13 +19,15 @@ import functools
 import itertools
 import random
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import webdataset as wds
 from torchvision.transforms import v2
 
-from kdpipe.data import NORMALIZATION, PreparedData, held_out_geometry
+from kdpipe.data import NORMALIZATION, PreparedData, decodes_on_cuda, held_out_geometry
+from kdpipe.data.device_decode import EncodedBatch, decode_batch, encode
 from kdpipe.data.order import LOADER_CONTEXT, epoch_seed, loader_generator, own_random_stream
 from kdpipe.data.shards import IMAGE_EXTENSIONS, BadImage, decode_image, location_of, read_manifest
 from kdpipe.job.spec import DataSpec
@@ -65,11 +67,17 @@ def range_lengths(total: int, world: int, workers: int, batch: int) -> list[int]
     return per_worker * world
 
 
+def decoded(transform: v2.Transform, data: bytes) -> torch.Tensor:
+    """A sample's view, decoded and transformed in the loader worker (`data.decode: cpu`)."""
+    return transform(decode_image(data))
+
+
 def read_range(
-    pieces: list[Piece], folder: str, transform: v2.Transform, skip: bool, keep_length: bool
+    pieces: list[Piece], folder: str, prepare: Callable[[bytes], Any], skip: bool, keep_length: bool
 ) -> Iterator[Sample]:
-    """The samples of one range, decoded and transformed. Skipped samples are replaced by repeats of recent ones
-    when `keep_length` (training), dropped otherwise (evaluation)."""
+    """The samples of one range, each image's bytes made ready by `prepare` (`decoded`, or `device_decode.encode`),
+    which raises `BadImage`. Skipped samples are replaced by repeats of recent ones when `keep_length` (training),
+    dropped otherwise (evaluation)."""
     recent: deque[Sample] = deque(maxlen=REPEAT_POOL)
     missing = 0
     for name, first, end in pieces:
@@ -82,7 +90,7 @@ def read_range(
                 try:
                     if image is None:
                         raise BadImage("no jpg or png in the sample")
-                    pixels = transform(decode_image(image))
+                    pixels = prepare(image)
                 except BadImage as err:
                     if not skip:
                         raise BadDataError(f"{url}: undecodable image {sample['__key__']} ({err})") from None
@@ -112,9 +120,12 @@ def shard_problem(err: Exception) -> str:
     return f"unreadable ({type(err).__name__}: {detail})"
 
 
-def collate(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+def collate(samples: list[Sample], train: bool | None = None) -> tuple[Any, torch.Tensor, list[str], torch.Tensor]:
+    """A batch: its images stacked, or (`train` given: the device path) their encoded samples for the training
+    process to decode with the training or held-out transforms."""
     images, labels, keys, read = zip(*samples, strict=True)
-    return torch.stack(images), torch.tensor(labels), list(keys), torch.tensor(read)
+    batch = torch.stack(images) if train is None else EncodedBatch(list(images), train, list(keys))
+    return batch, torch.tensor(labels), list(keys), torch.tensor(read)
 
 
 def geometry(size: int, train: bool) -> v2.Compose:
@@ -149,6 +160,7 @@ class ShardData:
         # uint8 batches out of the workers and onto the device: a quarter of float32's bytes to move, and the float
         # conversion runs where the model does (on a GPU, a CPU pass over every batch capped the reader's rate)
         self.train_tf, self.val_tf = (geometry(prepared.image_size, t) for t in (spec.augment, False))
+        self.on_device = spec.decode == "gpu" or decodes_on_cuda(spec)
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION[prepared.normalization])
         self.scale, self.shift = 1 / (255 * std), -mean / std
         self.pin_memory = pin_memory
@@ -164,14 +176,16 @@ class ShardData:
         return cut_ranges(shards, lengths)[self.rank * workers : (self.rank + 1) * workers]
 
     def _batches(self, ranges: list[list[Piece]], transform, train: bool, generator=None, shuffle_seed=None):
+        prepare = functools.partial(encode if self.on_device else decoded, transform)
         stages = [
             functools.partial(iter, ranges),
             wds.split_by_worker,
-            wds.pipelinefilter(read_samples)(self.folder, transform, self.skip, train),
+            wds.pipelinefilter(read_samples)(self.folder, prepare, self.skip, train),
         ]
         if shuffle_seed is not None:
             stages.append(wds.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed))
-        stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=not train))
+        collation = functools.partial(collate, train=train) if self.on_device else collate
+        stages.append(wds.batched(self.batch_size, collation_fn=collation, partial=not train))
         pipeline = wds.DataPipeline(*stages)
         context = LOADER_CONTEXT if self.workers else None
         loader = wds.WebLoader(
@@ -204,11 +218,23 @@ class ShardData:
             yield images, labels
         self.skipped += expected - read
 
-    def inputs(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """uint8 pixels to normalized float32 on `device`."""
+    def inputs(self, images: torch.Tensor | EncodedBatch, device: torch.device) -> torch.Tensor:
+        """uint8 pixels (or, on the device path, encoded samples decoded and augmented here) to normalized float32
+        on `device`."""
         if self.scale.device.type != device.type:  # once: each copy from ordinary memory waits for the GPU
             self.scale, self.shift = self.scale.to(device), self.shift.to(device)
+        if isinstance(images, EncodedBatch):
+            images = self._decoded(images, device)
         return to_device(images, device).float().mul_(self.scale).add_(self.shift)
+
+    def _decoded(self, batch: EncodedBatch, device: torch.device) -> torch.Tensor:
+        """The device path's batch; an image whose bytes do not decode (its header did, in the worker) is skipped
+        and counted, a stand-in view keeping the batch whole, or stops the stage, by `bad_samples`."""
+        images, bad = decode_batch(batch, self.train_tf if batch.train else self.val_tf, device)
+        if bad and not self.skip:
+            raise BadDataError(f"{self.folder}: undecodable image {batch.keys[bad[0]]}")
+        self.skipped += len(bad)
+        return images
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped = 0
@@ -221,7 +247,7 @@ class ShardData:
 
 
 def read_samples(
-    ranges: Iterable[list[Piece]], folder: str, transform: v2.Transform, skip: bool, keep_length: bool
+    ranges: Iterable[list[Piece]], folder: str, prepare: Callable[[bytes], Any], skip: bool, keep_length: bool
 ) -> Iterator[Sample]:
     for pieces in ranges:
-        yield from read_range(pieces, folder, transform, skip, keep_length)
+        yield from read_range(pieces, folder, prepare, skip, keep_length)

@@ -51,18 +51,24 @@ class BadImage(OSError):
     """Image bytes that do not decode, or that would decode to more than MAX_PIXELS."""
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """JPEG or PNG bytes as a uint8 3 x H x W RGB tensor (greyscale repeated to RGB), by torchvision's decoders
-    (libjpeg-turbo, libpng: faster than PIL's, `bench/data.py`). The size is read from the header first,
-    so an image claiming billions of pixels is refused before anything is allocated."""
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone; an image claiming billions of pixels, or none, is refused."""
     try:
-        width, height = Image.open(io.BytesIO(data)).size  # the header only
+        width, height = Image.open(io.BytesIO(data)).size
     except Image.DecompressionBombError:
         raise BadImage(f"more pixels than the {MAX_PIXELS} allowed (a decompression bomb?)") from None
     except (OSError, ValueError) as err:
         raise BadImage(f"not an image PIL can identify ({type(err).__name__})") from None
     if width * height > MAX_PIXELS:
         raise BadImage(f"{width} x {height} pixels, more than the {MAX_PIXELS} allowed")
+    return width, height
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """JPEG or PNG bytes as a uint8 3 x H x W RGB tensor (greyscale repeated to RGB), by torchvision's decoders
+    (libjpeg-turbo, libpng: faster than PIL's, `bench/data.py`). The size is read from the header first,
+    so an image claiming billions of pixels is refused before anything is allocated."""
+    image_size(data)
     # Imported here: torchvision pulls torch._dynamo (seconds), and the driver reads manifests but no images.
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_image as torchvision_decode

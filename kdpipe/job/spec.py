@@ -48,6 +48,12 @@ class DataSpec(Strict):
     batch_size: int = Field(64, ge=1, le=65_536, description="samples per worker per step")
     augment: bool = Field(True, description="random crop and flip for training (off: evaluation transforms)")
     loader_workers: int = Field(1, ge=0, le=256, description="DataLoader processes per training worker")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="shards: where images are decoded and augmented: in the loader workers (cpu), or in batches "
+        "where the model runs, the workers reading bytes only (gpu; on a machine without one, the CPU); auto: gpu "
+        "on CUDA",
+    )
     bad_samples: Literal["fail", "skip"] = Field(
         "fail",
         description="shards: a missing or unreadable shard or an undecodable image stops the stage (fail), or is "

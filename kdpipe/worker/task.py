@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from kdpipe.data import PreparedData
+from kdpipe.data import PreparedData, decodes_on_cuda
 from kdpipe.job.cache_policy import CacheSettings
 from kdpipe.job.spec import CheckpointSpec, DataSpec, StageSpec
 from kdpipe.models.inputs import ModelInput
@@ -55,4 +55,5 @@ class StageTask:
             return []
         runs = [ref.run_id for ref in self.teachers]
         precision = self.stage.deepspeed.precision
-        return self.cache.keys(runs, self.data.identity, self.reading.reading(), self.seed, world, precision)
+        reading = self.reading.reading() | ({"decode": "cuda"} if decodes_on_cuda(self.reading) else {})
+        return self.cache.keys(runs, self.data.identity, reading, self.seed, world, precision)
