@@ -25,6 +25,10 @@ part of kdpipe's share: what a stage's workers import at start beyond an empty f
     .venv/bin/python bench/step.py                        # the quickstart's models on CPU
     python bench/step.py --device cuda --teacher resnet50 --student resnet18 --size 224 --batch 256 \\
         --precision bf16 --no-stage                       # on a GPU without Ray: (a) and (b) only
+    python bench/step.py ... --shards 20000 --shard-px 320 --loader-workers 16   # and (d) over shards
+
+(d), with `--shards N`: the shard reader alone and feeding the engine's step, one epoch each after one untimed, with
+images decoded in the loader workers (`data.decode: cpu`) and where the model runs (`gpu`), each against (b).
 
 Prints images/s and the ratios engine / bare and stage / bare, then the stages' fixed costs, the floors and their
 processes, and what a worker imports beyond an empty fit's.
@@ -47,7 +51,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kdpipe.job.spec import StageSpec
+from kdpipe.job.spec import DataSpec, StageSpec
 from kdpipe.methods import METHODS
 from kdpipe.models import build_model
 from kdpipe.worker.engine import Engine, single_process_group
@@ -124,6 +128,43 @@ def engine_loop(args: argparse.Namespace, device: torch.device):
     engine = Engine(method, stage, args.batch, device)
     engine.ds.train()
     return engine.step
+
+
+def over_shards(args: argparse.Namespace, device: torch.device, step, root: Path) -> dict[str, float]:
+    """(d): the shard reader alone and the engine's step fed by it, one epoch each over `--shards` synthetic JPEGs
+    (`--shard-px` px, cropped to `--size`), with images decoded in the loader workers and where the model runs."""
+    from kdpipe.data import prepare_data
+    from kdpipe.data.convert import convert
+    from kdpipe.data.loaders import open_data
+    from kdpipe.data.synthetic import write_image_folder
+
+    write_image_folder(root / "jpegs", CLASSES, args.shard_px, args.shards, CLASSES, seed=0)
+    convert(root / "jpegs", root / "shards", shard_size=1000, workers=args.loader_workers or 1)
+    rates = {}
+    for decode in ("cpu", "gpu"):
+        spec = DataSpec(
+            source="shards",
+            path=str(root / "shards"),
+            image_size=args.size,
+            batch_size=args.batch,
+            loader_workers=args.loader_workers,
+            decode=decode,
+        )
+        data = open_data(prepare_data(spec), spec, 0, 0, 1, pin_memory=device.type == "cuda")
+        for fed, label in ((False, "reader"), (True, "engine over shards")):
+            for epoch in range(2):  # the first: worker start-up and page cache; the second is timed
+                synchronize(device)
+                started, count = time.perf_counter(), 0
+                for images, labels in data.train_batches(epoch):
+                    inputs = data.inputs(images, device)
+                    if fed:
+                        step(inputs, labels.to(device, non_blocking=True))
+                    count += len(labels)
+                synchronize(device)
+            rates[f"{label}, decoded {'in the workers' if decode == 'cpu' else 'on ' + device.type}"] = count / (
+                time.perf_counter() - started
+            )
+    return rates
 
 
 class CoresBusy:
@@ -351,6 +392,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round of (a) and (b)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of (a) and (b)")
     parser.add_argument("--no-stage", dest="stage", action="store_false", help="skip (c) and the floors (no Ray)")
+    parser.add_argument("--shards", type=int, default=0, help="(d): synthetic JPEGs to shard and read (0: skip (d))")
+    parser.add_argument("--shard-px", type=int, default=40, help="(d): side of the stored JPEGs (default 40)")
+    parser.add_argument("--loader-workers", type=int, default=2, help="(d): DataLoader workers (default 2)")
     parser.add_argument("--workers", type=int, default=2, help="(c): Ray Train workers per stage (default 2)")
     parser.add_argument("--stage-epochs", type=int, default=3, help="(c): epochs per stage (default 3)")
     parser.add_argument("--train-subset", type=int, default=6000, help="(c): Fashion-MNIST training samples")
@@ -394,6 +438,12 @@ def main() -> None:
         ratio = statistics.median(value / bare for value, bare in zip(values, bare_rounds, strict=True))
         median = statistics.median(values)
         print(f"  {name:34s} {median:9.1f} images/s   {ratio:5.2f}x bare (median of {args.rounds} same-round ratios)")
+    if args.shards:
+        with tempfile.TemporaryDirectory() as folder:
+            fed = over_shards(args, device, loops["kdpipe engine, 1 process"], Path(folder))
+        engine = statistics.median(rates["kdpipe engine, 1 process"])
+        for name, rate in fed.items():
+            print(f"  {name:48s} {rate:9.1f} images/s   {rate / engine:5.2f}x the engine on batches in memory")
     if not args.stage:
         return
 

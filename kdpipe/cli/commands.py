@@ -4,6 +4,7 @@ its view. Heavy imports (torch, Ray, MLflow) happen inside each command, once it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -60,6 +61,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     with collector_paused():  # heavy imports (Ray, MLflow) only once the job file is known good
         from kdpipe.driver.runner import run_job
         from kdpipe.driver.state import StageState
+        from kdpipe.tracking import TrackingError
+        from kdpipe.tracking.store import Tracker
+        from kdpipe.tracking.uri import ui_hint
 
     from kdpipe.cli.progress import StageBars
 
@@ -68,6 +72,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             plan, force=tuple(args.force), verbose=args.verbose, on_poll=bars, on_stall=bars.warn, on_note=bars.warn
         )
     print_table(outcome_table(plan.job.name, outcomes))
+    with contextlib.suppress(TrackingError, UserError):  # a store that failed has said so in the table
+        tracker = Tracker(plan.job.tracking.uri)
+        experiment = tracker.experiment_id(plan.job.tracking.experiment)
+        console.print(f"the runs in MLflow's UI: {ui_hint(tracker.uri, experiment)}", highlight=False, soft_wrap=True)
     for outcome in outcomes.values():
         if outcome.chosen:
             chosen = chosen_values(outcome.chosen)

@@ -46,3 +46,12 @@ def resolve_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """Where to see an experiment's runs in MLflow's UI. MLflow 3.17's UI opens on its GenAI view (traces, judges)
+    whatever an experiment's kind, unless the address asks for model training, as this one does."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
