@@ -62,6 +62,7 @@ def test_the_best_epoch_is_the_result_and_the_student_is_registered_once(chain):
     assert version.tags["kdpipe.stage"] == "student" and version.tags["kdpipe.teachers"] == "assistant"
     assert version.tags["kdpipe.fingerprint"] == tracker.client.get_run(student).data.tags["kdpipe.fingerprint"]
     assert float(version.tags["val/top1"]) == pytest.approx(top1[best], abs=1e-4)  # the best epoch's evaluation
+    assert tracker.result_metrics(tracker.client.get_run(student))["val/top1"] == top1[best]  # what the report shows
     assert client.get_model_version_by_alias(CHAIN_MODEL, "candidate").version == version.version
     again = run_job(plan)  # every stage reused: the student is not registered a second time
     assert again["student"].status == StageState.REUSED

@@ -166,7 +166,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     header, rows = report_rows(results, baseline)
     right = tuple(column for column in header if column not in ("stage", "method", "teachers"))
     table = table_of(f"{title} in {tracker.uri}", header, right, rows)
-    table.caption = "val top-1 and top-5 of each stage's final epoch: mean ± std over its seeds"
+    table.caption = (
+        "val top-1 and top-5 of each stage's final weights (result: best: its best epoch's), mean ± std over its seeds"
+    )
     print_table(table)
     if text is None:
         err_console.print(f"no run of job '{plan.job.name}' in {tracker.uri} yet: nothing to report")

@@ -41,7 +41,7 @@ class MlflowRecords:
         if run is None:
             return None
         values = run.data.tags.get(TAG_VALUES)
-        return Finished(run.info.run_id, dict(run.data.metrics), json.loads(values) if values else {})
+        return Finished(run.info.run_id, self.tracker.result_metrics(run), json.loads(values) if values else {})
 
     def unfinished(self, fingerprint: str) -> Unfinished | None:
         run = self.tracker.find_interrupted_stage(self.experiment_id, fingerprint)
@@ -88,7 +88,7 @@ class MlflowRecords:
 
     def end(self, run_id: str, ok: bool) -> dict[str, float]:
         self.tracker.finish(run_id, "FINISHED" if ok else "FAILED")
-        return self.tracker.latest_metrics(run_id)
+        return self.tracker.result_metrics(self.tracker.get_run(run_id))
 
     def publish(self, run_id: str, name: str | None) -> None:
         publish_stage(self.tracker, run_id, self.prepared, name)
@@ -125,20 +125,11 @@ def publish_stage(
     if not name:
         return None
     run = tracker.get_run(run_id)
-    run_tags, top1 = run.data.tags, result_top1(tracker, run)
+    run_tags, top1 = run.data.tags, tracker.result_metrics(run).get("val/top1")
     teachers = sorted(key.removeprefix(f"{TAG_TEACHER}.") for key in run_tags if key.startswith(f"{TAG_TEACHER}."))
     tags = {key: run_tags.get(key, "") for key in (TAG_JOB, TAG_STAGE, TAG_FINGERPRINT)}
     tags |= {"kdpipe.teachers": ",".join(teachers), "val/top1": "" if top1 is None else f"{top1:.4f}"}
     return register(tracker.uri, run_id, model_uri, name, tags, alias)
-
-
-def result_top1(tracker: Tracker, run: Run) -> float | None:
-    """The top-1 of the run's final weights: its last epoch's, or with `result: best` its best epoch's."""
-    best = run.data.metrics.get("best_epoch")
-    if best is None:
-        return run.data.metrics.get("val/top1")
-    history = tracker.metric_history(run.info.run_id, ["val/top1"])["val/top1"]
-    return next(value for step, value in history if step == int(best))
 
 
 def holder_of(run: Run) -> str:

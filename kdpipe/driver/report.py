@@ -58,9 +58,10 @@ def finished_runs(plan: Plan, tracker: Tracker, experiment_id: str) -> dict[str,
 
 
 def finished_metrics(plan: Plan, tracker: Tracker, experiment_id: str) -> dict[str, dict[str, float] | None]:
-    """Each planned stage's final metrics from the run `kdpipe run` would reuse; None where there is none yet."""
+    """Each planned stage's metrics from the run `kdpipe run` would reuse, as its final weights have them (`result:
+    best`: its best epoch's); None where there is none yet."""
     runs = finished_runs(plan, tracker, experiment_id)
-    return {name: dict(run.data.metrics) if run else None for name, run in runs.items()}
+    return {name: tracker.result_metrics(run) if run else None for name, run in runs.items()}
 
 
 def job_results(plan: Plan, metrics: dict[str, dict[str, float] | None]) -> list[StageResult]:

@@ -251,6 +251,17 @@ class Tracker:
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         return dict(self.client.get_run(run_id).data.metrics)
 
+    def result_metrics(self, run: Run) -> dict[str, float]:
+        """A stage run's metrics as its final weights have them: the last epoch's, or with `result: best` (the
+        metric `best_epoch`) the held-out ones of that epoch."""
+        metrics = dict(run.data.metrics)
+        if "best_epoch" not in metrics:
+            return metrics
+        held_out = [key for key in metrics if key.startswith("val/")]
+        for key, history in self.metric_history(run.info.run_id, held_out).items():
+            metrics[key] = next(value for step, value in history if step == int(metrics["best_epoch"]))
+        return metrics
+
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
