@@ -185,12 +185,17 @@ def stage_and_model(args: argparse.Namespace, tracker, plan) -> tuple[str, str]:
     from kdpipe.driver.deploy import run_model, stage_model
 
     if plan is not None:
-        if not args.stage:
-            raise UserError(f"STAGE: name a stage of {args.job}; its stages are: {', '.join(plan.order)}")
-        return stage_model(plan, tracker, args.stage)
+        return stage_model(plan, tracker, named_stage(args, plan))
     if args.job.startswith("models:/"):
         return "", args.job
     return args.job, run_model(tracker, args.job)
+
+
+def named_stage(args: argparse.Namespace, plan) -> str:
+    """The STAGE a model command names, which a job file needs."""
+    if not args.stage:
+        raise UserError(f"STAGE: name a stage of {args.job}; its stages are: {', '.join(plan.order)}")
+    return args.stage
 
 
 def model_source(args: argparse.Namespace):
@@ -211,9 +216,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     plan, tracker = model_source(args)
     if plan is None:
         raise UserError(f"{args.job}: register needs the job file and a stage")
-    if not args.stage:
-        raise UserError(f"STAGE: name a stage of {args.job}; its stages are: {', '.join(plan.order)}")
-    run_id, version = register_stage(plan, tracker, args.stage, args.name, args.alias)
+    run_id, version = register_stage(plan, tracker, named_stage(args, plan), args.name, args.alias)
     console.print(
         f"registered run {run_id} as {args.name} version {version}, alias '{args.alias}': "
         f"models:/{args.name}@{args.alias}",

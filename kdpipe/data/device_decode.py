@@ -78,15 +78,15 @@ def decode_batch(batch: EncodedBatch, transforms: v2.Compose, device: torch.devi
     samples = batch.samples
     images: list[torch.Tensor | None] = [None] * len(samples)
     jpegs = [i for i, sample in enumerate(samples) if sample.jpeg]
+    others = [i for i, sample in enumerate(samples) if not sample.jpeg]
     try:
         decoded = decode_jpeg([samples[i].data for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
     except RuntimeError:  # one bad image fails the batch's call: find it one by one
         decoded = [decode_one(samples[i], device) for i in jpegs]
     for i, image in zip(jpegs, decoded, strict=True):
         images[i] = image
-    for i, sample in enumerate(samples):
-        if i not in jpegs:
-            images[i] = decode_one(sample, device)
+    for i in others:
+        images[i] = decode_one(samples[i], device)
     bad = [i for i, image in enumerate(images) if image is None]
     views = [
         apply_choices(transforms, image, s.choices)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import webdataset as wds
 
 from kdpipe.data.convert import open_source, sample_record
-from kdpipe.data.shards import IMAGE_EXTENSIONS, decode_image, location_of, read_manifest
+from kdpipe.data.shard_reader import read_range
+from kdpipe.data.shards import decode_image, read_manifest
 from kdpipe.errors import UserError
 
 SOURCES = ("imagefolder", "shards", "cifar", "fashion-mnist")
@@ -28,12 +28,12 @@ class EvalSplit:
 
     def samples(self) -> Iterator[tuple[torch.Tensor, int]]:
         """(H x W x 3 uint8 image, label) in the split's stored order."""
-        if self.source == "shards":
-            split = read_manifest(self.path)["splits"][self.split]
-            for shard in split["shards"]:
-                for sample in wds.tarfile_samples([{"url": location_of(self.path, shard["name"])}]):
-                    image = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
-                    yield decode_image(image).permute(1, 2, 0), int(sample["cls"])
+        if self.source == "shards":  # every sample of the split as one range, as the shard reader reads one
+            pieces = [
+                (shard["name"], 0, shard["count"]) for shard in read_manifest(self.path)["splits"][self.split]["shards"]
+            ]
+            for image, label, _, _ in read_range(pieces, self.path, decode_image, skip=False, keep_length=False):
+                yield image.permute(1, 2, 0), label
             return
         source = open_source(Path(self.path))
         for index in range(self.count):

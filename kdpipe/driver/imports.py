@@ -94,9 +94,8 @@ def fit_imports(
     plan: Plan, files: Mapping[str, Path], num_classes: int, folder: Path
 ) -> Iterator[tuple[str, InitFile, str]]:
     """Each importing stage's weights (its source's file in `files`) fitted to its model, written under `folder`:
-    (stage, file, note), where the
-    note says the head starts fresh ("" when it does not). Stages sharing a source, a model and whether they
-    import or fine-tune share a file."""
+    (stage, file, note), where the note says the head starts fresh ("" when it does not). Stages sharing a source,
+    a model and whether they import or fine-tune share a file."""
     fitted = {}
     for i, spec in enumerate(plan.job.stages):
         init = spec.init

@@ -26,7 +26,7 @@ REPORT = "report"  # the job run's folder for report.md and report.png
 METRICS = ("val/top1", "val/top5")
 # What each stage's model costs to serve (`kdpipe.models.profile`), logged as its model is.
 COSTS = ("model/params", "model/macs", "model/weights_bytes", "model/latency_ms", "model/images_per_second")
-THREADS = "model/threads"  # the CPU threads its timings ran on
+THREADS_METRIC = "model/threads"  # the CPU threads its timings ran on
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def job_results(plan: Plan, metrics: dict[str, dict[str, float] | None]) -> list
                 len(plan.named(stage.name)),
                 {
                     metric: tuple(metrics.get(metric, float("nan")) for _, metrics in repeats)
-                    for metric in (*METRICS, *COSTS, THREADS)
+                    for metric in (*METRICS, *COSTS, THREADS_METRIC)
                 },
             )
         )
@@ -112,7 +112,7 @@ def report_rows(results: list[StageResult], baseline: str | None) -> tuple[list[
     """The report as a header and rows of text: what the terminal, Markdown and the PNG all show."""
     base = next((r for r in results if r.stage == baseline), None)
     by_name = {r.stage: r for r in results}
-    threads = next((int(r.mean(THREADS)) for r in results if r.seeds and not math.isnan(r.mean(THREADS))), None)
+    threads = next((int(r.mean(THREADS_METRIC)) for r in results if measured(r, THREADS_METRIC)), None)
     timed = f", {threads} threads" if threads else ""
     cost_header = ["params", "MACs", "file", f"ms (b1{timed})", f"img/s (b64{timed})"]
     header = ["stage", "method", "teachers", "seeds", "top-1", "top-5", "of teacher", *cost_header]
@@ -143,11 +143,16 @@ def of_teacher(result: StageResult, teacher: StageResult | None) -> str:
 
 def costs(result: StageResult) -> list[str]:
     """Size and speed of the stage's model (the mean over its repeats: timings vary, sizes do not)."""
-    means = [result.mean(metric) for metric in COSTS]
-    if any(value is None or math.isnan(value) for value in means):
+    if not all(measured(result, metric) for metric in COSTS):
         return ["-"] * len(COSTS)
-    params, macs, size, latency, throughput = means
+    params, macs, size, latency, throughput = (result.mean(metric) for metric in COSTS)
     return [count(params), count(macs), f"{size / 1e6:.2f} MB", f"{latency:.2f}", f"{throughput:.0f}"]
+
+
+def measured(result: StageResult, metric: str) -> bool:
+    """The stage has a result, and it holds `metric` (runs from before kdpipe logged a model's costs do not)."""
+    value = result.mean(metric)
+    return value is not None and not math.isnan(value)
 
 
 def count(value: float) -> str:
@@ -181,7 +186,7 @@ def log_report(
             from kdpipe.plots import plot_report, plot_tradeoff  # matplotlib: a second or so to import
 
             files.append(plot_report(results, baseline, title, Path(folder) / "report.png"))
-            if any(r.mean("model/latency_ms") is not None for r in results):
+            if any(measured(r, "model/latency_ms") for r in results):
                 files.append(plot_tradeoff(results, title, Path(folder) / "tradeoff.png"))
         tracker.artifacts(job_run).log_files(files, REPORT)
     return text

@@ -19,10 +19,9 @@ PREPROCESSING = "preprocessing.json"
 
 
 def export(network: nn.Module, config: dict, fmt: str, out: Path) -> tuple[Path, float | None]:
-    """Write `network` (eval mode) as `fmt` into folder `out`; returns the file, and for ONNX the largest logit
-    difference from torch on a batch of 3 (a batch size other than the export's: the batch axis is dynamic)."""
-    if fmt not in FORMATS:
-        raise UserError(f"--format: expected one of {', '.join(FORMATS)}, got '{fmt}'")
+    """Write `network` (eval mode) as `fmt` (one of `FORMATS`, which the caller checked) into folder `out`; returns
+    the file, and for ONNX the largest logit difference from torch on a batch of 3 (a batch size other than the
+    export's: the batch axis is dynamic)."""
     out.mkdir(parents=True, exist_ok=True)
     network = network.eval()
     keys = ("classes", "resize", "crop", "mean", "std")

@@ -1,9 +1,10 @@
 """What a stage's MLflow run holds, and where: written by the stage's workers, read by the driver to reuse and resume.
+(Its MLflow Model, `model`, is MLflow's: logged by the driver, linked to the run, stored with the experiment's
+models; `kdpipe.tracking.logged_model`.)
 
 init/                       where its weights started, when they came from elsewhere (`kdpipe.driver.imports`)
 weights/                    the stage's final weights (`kdpipe.models.save_weights`): what students learn from
 best/                       `result: best`: the weights of the best epoch so far, which become weights/ at the end
-model/                      the final weights as an MLflow Model (`kdpipe.tracking.logged_model`), by the driver
 peers/<name>/               the same for each network trained beside the student (DML, DCM)
 checkpoints/step-N/         full training state (`kdpipe.worker.checkpoint`), the newest `checkpoint.keep` of them
 teachers/probe.safetensors  each teacher's outputs on a fixed held-out batch, as this stage loaded it
